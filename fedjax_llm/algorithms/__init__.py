@@ -1,0 +1,91 @@
+"""Federated algorithms, each a factory of pure functions, registered by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fedjax_llm.algorithms.base import (
+    Algorithm,
+    Broadcast,
+    ClientOutput,
+    ClientTrainState,
+    HyperParams,
+    RoundInfo,
+    ServerState,
+    init_client_optimizer,
+    server_optimizer_update,
+    sgd_step,
+)
+from fedjax_llm.algorithms.fedavg import make_fedavg
+from fedjax_llm.algorithms.fedprox import make_fedprox
+from fedjax_llm.algorithms.scaffold import make_scaffold
+from fedjax_llm.config import ConfigError, ExperimentConfig
+from fedjax_llm.optimizers import make_client_optimizer, make_server_optimizer
+
+# name -> (builder from (client_opt, server_opt, config), the server optimizer it implies)
+ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], str]] = {
+    "fedavg": (lambda c, s, cfg: make_fedavg(c, s), "sgd"),
+    "fedavgm": (lambda c, s, cfg: make_fedavg(c, s), "momentum"),
+    "fedadam": (lambda c, s, cfg: make_fedavg(c, s), "adam"),
+    "fedyogi": (lambda c, s, cfg: make_fedavg(c, s), "yogi"),
+    "fedadagrad": (lambda c, s, cfg: make_fedavg(c, s), "adagrad"),
+    "fedprox": (lambda c, s, cfg: make_fedprox(c, s, cfg.algorithm.prox_mu), "sgd"),
+    "scaffold": (lambda c, s, cfg: make_scaffold(c, s), "sgd"),
+}
+
+
+def register_algorithm(
+    name: str, builder: Callable[..., Algorithm], server_optimizer: str = "sgd"
+) -> None:
+    """Registers a custom algorithm so configs can select it by ``algorithm.name``.
+
+    Args:
+      name: the name configs use.
+      builder: ``(client_optimizer, server_optimizer, config) -> Algorithm``.
+      server_optimizer: the server optimizer used when ``server.optimizer`` is null.
+    """
+    ALGORITHMS[name] = (builder, server_optimizer)
+
+
+def build_algorithm(config: ExperimentConfig) -> Algorithm:
+    """Builds the algorithm a config names, with its client and server optimizers.
+
+    Raises:
+      ConfigError: unknown algorithm, or a server optimizer that contradicts the algorithm
+        (``fedadam`` with ``server.optimizer: sgd``).
+    """
+    name = config.algorithm.name
+    if name not in ALGORITHMS:
+        raise ConfigError(f"algorithm.name={name!r}; valid choices: {sorted(ALGORITHMS)}.")
+    builder, implied = ALGORITHMS[name]
+    server_name = config.server.optimizer or implied
+    if config.server.optimizer and implied != "sgd" and config.server.optimizer != implied:
+        raise ConfigError(
+            f"algorithm.name={name!r} uses server optimizer {implied!r} but "
+            f"server.optimizer={config.server.optimizer!r}; set server.optimizer to null or "
+            f"{implied!r}, or use algorithm.name=fedavg with the server optimizer you want."
+        )
+    return builder(
+        make_client_optimizer(config.client), make_server_optimizer(config.server, server_name),
+        config,
+    )
+
+
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "Broadcast",
+    "ClientOutput",
+    "ClientTrainState",
+    "HyperParams",
+    "RoundInfo",
+    "ServerState",
+    "build_algorithm",
+    "init_client_optimizer",
+    "make_fedavg",
+    "make_fedprox",
+    "make_scaffold",
+    "register_algorithm",
+    "server_optimizer_update",
+    "sgd_step",
+]

@@ -1,0 +1,46 @@
+"""FedProx: FedAvg with a proximal term pulling local params toward the global model.
+
+References:
+  Li et al. 2020, "Federated Optimization in Heterogeneous Networks".
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from fedjax_llm.algorithms.base import Algorithm, sgd_step
+from fedjax_llm.algorithms.fedavg import make_fedavg
+
+
+def make_fedprox(
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    mu: float,
+) -> Algorithm:
+    """Builds FedProx: each local gradient gets ``mu * (params - global_params)`` added.
+
+    This is the gradient of the local objective ``F_i(w) + mu/2 ||w - w_global||^2``; with
+    ``mu = 0`` it is FedAvg exactly.
+
+    Args:
+      client_optimizer: local optimizer.
+      server_optimizer: server optimizer on the pseudo-gradient.
+      mu: proximal coefficient (>= 0).
+
+    Returns:
+      The `Algorithm`.
+    """
+    if mu < 0:
+        raise ValueError(f"FedProx mu={mu} must be >= 0.")
+    fedavg = make_fedavg(client_optimizer, server_optimizer)
+
+    def client_step(broadcast, client_state, state, batch, key, loss_fn, hparams):
+        del client_state, hparams
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        grads = jax.tree.map(
+            lambda g, w, w0: g + mu * (w - w0), grads, state.params, broadcast.params
+        )
+        return sgd_step(client_optimizer, state, grads), metrics
+
+    return fedavg._replace(client_step=client_step)

@@ -1,0 +1,357 @@
+"""Typed experiment configuration, loaded from YAML with dotted command-line overrides.
+
+A config is a tree of dataclasses. `load_config` reads a YAML file and applies overrides such as
+``--client.lr 3e-4`` through `draccus` (the library levanter uses), then `ExperimentConfig.validate`
+checks values that types alone cannot express. Every mistake raises `ConfigError` naming the key,
+the bad value and the valid choices, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import draccus
+import yaml
+
+from fedjax_llm.models.llama import LlamaConfig
+
+TrainableMode = Literal["full", "lora", "soft_prompt", "prefix"]
+ClientOptimizerName = Literal["sgd", "momentum", "adamw"]
+ServerOptimizerName = Literal["sgd", "momentum", "adam", "yogi", "adagrad"]
+ScheduleName = Literal["constant", "cosine", "linear", "warmup_cosine"]
+PartitionerName = Literal["iid", "dirichlet", "pathological", "quantity_skew"]
+WeightingName = Literal["num_examples", "uniform"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, missing or invalid; the message names the key and fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainableConfig:
+    """Which part of the model the clients train.
+
+    Attributes:
+      mode: ``full`` (all parameters: fine-tuning, or pre-training from a random init),
+        ``lora``, ``soft_prompt`` or ``prefix``.
+      lora_rank: LoRA rank r.
+      lora_alpha: LoRA alpha; the update is scaled by alpha / r.
+      lora_targets: projections that get LoRA factors, from q, k, v, o, gate, up, down.
+      num_virtual_tokens: length of the soft prompt or of each layer's prefix.
+      prompt_init: ``vocab`` (copy random vocabulary embeddings) or ``random``.
+      base_run: optional run directory of an earlier ``full`` run whose final global
+        parameters become the frozen base (federated pre-training, then fine-tuning).
+    """
+
+    mode: TrainableMode = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q", "v")
+    num_virtual_tokens: int = 8
+    prompt_init: Literal["vocab", "random"] = "vocab"
+    base_run: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The built-in offline instruction tasks and how they are split across clients.
+
+    Attributes:
+      task_families: families of prompt/response tasks (see `fedjax_llm.data.TASK_FAMILIES`).
+      num_clients: total client population.
+      examples_per_client: mean number of examples per client (train plus test).
+      test_fraction: share of each client's examples held out for per-client evaluation.
+      seq_len: padded sequence length in tokens.
+      partitioner: ``iid``, ``dirichlet``, ``pathological`` or ``quantity_skew``.
+      dirichlet_alpha: concentration for ``dirichlet`` (smaller = more heterogeneous).
+      classes_per_client: task families per client for ``pathological``.
+      quantity_skew_sigma: lognormal sigma of client sizes for ``quantity_skew``.
+      eval_examples_per_family: size of the global held-out set, per family.
+      seed: seed of data generation and partitioning.
+    """
+
+    task_families: tuple[str, ...] = ("add", "reverse", "sort", "count", "lookup", "copy", "max")
+    num_clients: int = 64
+    examples_per_client: int = 64
+    test_fraction: float = 0.125
+    seq_len: int = 32
+    partitioner: PartitionerName = "iid"
+    dirichlet_alpha: float = 0.5
+    classes_per_client: int = 2
+    quantity_skew_sigma: float = 1.0
+    eval_examples_per_family: int = 64
+    seed: int = 0
+
+    def partitioner_kwargs(self) -> dict[str, Any]:
+        """Returns the keyword arguments of the chosen partitioner."""
+        return {
+            "iid": {},
+            "dirichlet": {"alpha": self.dirichlet_alpha},
+            "pathological": {"classes_per_client": self.classes_per_client},
+            "quantity_skew": {"sigma": self.quantity_skew_sigma},
+        }[self.partitioner]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    """Local training on each client.
+
+    Attributes:
+      optimizer: ``sgd``, ``momentum`` or ``adamw``.
+      lr: peak local learning rate.
+      momentum: momentum for ``momentum``; b1 for ``adamw``.
+      weight_decay: decoupled weight decay for ``adamw``.
+      schedule: local learning-rate schedule over a client's local steps.
+      warmup_steps: warmup steps for ``warmup_cosine``.
+      local_steps: maximum local steps per round (the scan length).
+      local_epochs: if set, a client takes ceil(local_epochs * n_i / batch_size) steps, at
+        most ``local_steps``, so clients with less data do less work (masked steps).
+      batch_size: examples per local step.
+      grad_clip_norm: optional clipping of each local gradient by global norm.
+    """
+
+    optimizer: ClientOptimizerName = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: ScheduleName = "constant"
+    warmup_steps: int = 0
+    local_steps: int = 4
+    local_epochs: float | None = None
+    batch_size: int = 8
+    grad_clip_norm: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """The server optimizer, applied to the pseudo-gradient ``-mean(delta)``.
+
+    Attributes:
+      optimizer: ``sgd``, ``momentum``, ``adam``, ``yogi`` or ``adagrad``; None takes the
+        algorithm's own (``fedadam`` -> adam, ``fedavg`` -> sgd, ...).
+      lr: server learning rate (1.0 with sgd is plain FedAvg).
+      momentum: server momentum (FedAvgM) and b1 of adam/yogi.
+      b2: second-moment decay of adam/yogi.
+      eps: adaptivity tau of adam/yogi/adagrad (Reddi et al. 2021).
+    """
+
+    optimizer: ServerOptimizerName | None = None
+    lr: float = 1.0
+    momentum: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+    """The federated algorithm.
+
+    Attributes:
+      name: ``fedavg``, ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad`` (FedAvg with
+        that server optimizer), ``fedprox``, ``scaffold``, or a name added with
+        `fedjax_llm.register_algorithm`.
+      prox_mu: proximal coefficient mu of FedProx.
+      weighting: aggregate client deltas weighted by ``num_examples`` or ``uniform``.
+    """
+
+    name: str = "fedavg"
+    prox_mu: float = 0.01
+    weighting: WeightingName = "num_examples"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The round loop, output and checkpoints.
+
+    Attributes:
+      num_rounds: rounds to run in total (a resumed run continues up to this round).
+      num_clients_per_round: clients sampled uniformly without replacement each round.
+      clients_per_chunk: clients vmapped together; chunks run in a scan, so memory is that
+        of one chunk. None runs all sampled clients in one vmap.
+      seed: root seed of model init, client sampling and local training.
+      output_dir: run directory (see the README for its layout).
+      checkpoint_every: save the global state every this many rounds (0: only at the end).
+      keep_checkpoints: keep the last this many checkpoints.
+      resume: continue from the latest checkpoint in ``output_dir``.
+      log_every: print and fetch progress every this many rounds.
+    """
+
+    num_rounds: int = 60
+    num_clients_per_round: int = 16
+    clients_per_chunk: int | None = None
+    seed: int = 0
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+    resume: bool = False
+    log_every: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation of the global model.
+
+    Attributes:
+      every: evaluate every this many rounds (and always before the first and after the last).
+      max_new_tokens: greedy decoding budget for exact-match accuracy.
+      batch_size: evaluation batch size.
+      per_client: also evaluate on every client's held-out examples.
+    """
+
+    every: int = 20
+    max_new_tokens: int = 8
+    batch_size: int = 256
+    per_client: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment. Load with `load_config`; every field has a runnable default."""
+
+    model: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
+    trainable: TrainableConfig = dataclasses.field(default_factory=TrainableConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def validate(self) -> ExperimentConfig:
+        """Checks values that the types cannot express.
+
+        Returns:
+          self, so that ``config = load_config(...).validate()`` reads naturally.
+
+        Raises:
+          ConfigError: naming the key, the value and how to fix it.
+        """
+        _positive(self, "client.lr", "client.local_steps", "client.batch_size",
+                  "server.lr", "run.num_rounds", "run.num_clients_per_round",
+                  "data.num_clients", "data.examples_per_client", "data.seq_len",
+                  "eval.batch_size", "run.keep_checkpoints", "run.log_every", "eval.every")
+        if self.trainable.mode == "lora":
+            _positive(self, "trainable.lora_rank", "trainable.lora_alpha")
+            from fedjax_llm.models.lora import LORA_TARGETS
+
+            bad = [t for t in self.trainable.lora_targets if t not in LORA_TARGETS]
+            if bad or not self.trainable.lora_targets:
+                raise ConfigError(
+                    f"trainable.lora_targets={list(self.trainable.lora_targets)}: each must be "
+                    f"one of {list(LORA_TARGETS)} (and at least one is needed)."
+                )
+        if self.trainable.mode in ("soft_prompt", "prefix"):
+            _positive(self, "trainable.num_virtual_tokens")
+        if self.run.num_clients_per_round > self.data.num_clients:
+            raise ConfigError(
+                f"run.num_clients_per_round={self.run.num_clients_per_round} exceeds "
+                f"data.num_clients={self.data.num_clients}: sample at most as many clients as "
+                "exist, or raise data.num_clients."
+            )
+        chunk = self.run.clients_per_chunk
+        if chunk is not None and (chunk <= 0 or self.run.num_clients_per_round % chunk):
+            raise ConfigError(
+                f"run.clients_per_chunk={chunk} must be a positive divisor of "
+                f"run.num_clients_per_round={self.run.num_clients_per_round} (or null for one "
+                "chunk of all sampled clients)."
+            )
+        if self.client.local_epochs is not None and self.client.local_epochs <= 0:
+            raise ConfigError(f"client.local_epochs={self.client.local_epochs} must be > 0.")
+        if not 0.0 < self.data.test_fraction < 1.0:
+            raise ConfigError(f"data.test_fraction={self.data.test_fraction} must be in (0, 1).")
+        if self.run.checkpoint_every < 0:
+            raise ConfigError(f"run.checkpoint_every={self.run.checkpoint_every} must be >= 0.")
+        if self.algorithm.prox_mu < 0:
+            raise ConfigError(f"algorithm.prox_mu={self.algorithm.prox_mu} must be >= 0.")
+        if self.data.partitioner == "dirichlet" and self.data.dirichlet_alpha <= 0:
+            raise ConfigError(f"data.dirichlet_alpha={self.data.dirichlet_alpha} must be > 0.")
+        if self.model.max_seq_len < self.data.seq_len:
+            raise ConfigError(
+                f"model.max_seq_len={self.model.max_seq_len} is shorter than "
+                f"data.seq_len={self.data.seq_len}; raise model.max_seq_len."
+            )
+        try:
+            self.model.validate()
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+        from fedjax_llm.algorithms import ALGORITHMS
+
+        if self.algorithm.name not in ALGORITHMS:
+            raise ConfigError(
+                f"algorithm.name={self.algorithm.name!r}; valid choices: {sorted(ALGORITHMS)} "
+                "(custom algorithms: fedjax_llm.register_algorithm)."
+            )
+        from fedjax_llm.data import TASK_FAMILIES
+
+        bad = [f for f in self.data.task_families if f not in TASK_FAMILIES]
+        if bad or not self.data.task_families:
+            raise ConfigError(
+                f"data.task_families: unknown {bad}; valid choices are {sorted(TASK_FAMILIES)}."
+            )
+        return self
+
+
+def _positive(config: ExperimentConfig, *keys: str) -> None:
+    for key in keys:
+        value = get_field(config, key)
+        if value is None or not value > 0 or (isinstance(value, float) and math.isnan(value)):
+            raise ConfigError(f"{key}={value} must be positive.")
+
+
+def get_field(config: Any, dotted_key: str) -> Any:
+    """Returns the value at a dotted key such as ``client.lr``."""
+    value = config
+    for part in dotted_key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Loads a YAML config with dotted overrides and validates it.
+
+    Args:
+      path: YAML file; None starts from the defaults.
+      overrides: command-line style overrides, e.g. ``["--client.lr", "3e-4"]``.
+
+    Returns:
+      The validated `ExperimentConfig`.
+
+    Raises:
+      ConfigError: unknown key, bad value or inconsistent settings, named in the message.
+      FileNotFoundError: if ``path`` does not exist.
+    """
+    args = list(overrides)
+    if path is not None:
+        with open(path) as f:  # fail here, with the path, rather than inside the parser
+            f.read(0)
+        args = ["--config_path", path, *args]
+    try:
+        config = draccus.parse(ExperimentConfig, args=args, exit_on_error=False)
+    except draccus.utils.DecodingError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except SystemExit as e:  # argparse reports bad command-line values by exiting
+        raise ConfigError(f"invalid command-line override in {args}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - argparse/draccus raise assorted types for bad input
+        raise ConfigError(f"invalid configuration: {e}") from None
+    return config.validate()
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """Returns the config as plain JSON/YAML-serializable data."""
+    return yaml.safe_load(dump_config(config))
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """Returns the config as YAML text that `load_config` reads back."""
+    out = io.StringIO()
+    draccus.dump(config, out)
+    return out.getvalue()
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Rebuilds a config from `config_to_dict` output (used to compare with a checkpoint)."""
+    return draccus.decode(ExperimentConfig, data)

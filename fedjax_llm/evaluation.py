@@ -1,0 +1,120 @@
+"""Evaluation of the global model: held-out loss and perplexity, exact match by greedy
+decoding per task family, and the same per client (mean and worst 10% of clients)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_llm.data import FederatedDataset, TokenizedExamples
+from fedjax_llm.models.decoding import greedy_decode
+
+PyTree = Any
+
+
+def make_eval_step(apply_fn: Callable, max_new_tokens: int, eos_id: int, pad_id: int) -> Callable:
+    """Builds the jitted per-batch evaluation.
+
+    Args:
+      apply_fn: ``(frozen, params, tokens) -> logits``.
+      max_new_tokens: greedy decoding budget.
+      eos_id: end-of-sequence id.
+      pad_id: padding id.
+
+    Returns:
+      ``eval_step(frozen, params, tokens, loss_mask, prompt_len) -> (loss_sum [B],
+      target_tokens [B], generated [B, max_new_tokens])``.
+    """
+
+    @jax.jit
+    def eval_step(frozen, params, tokens, loss_mask, prompt_len):
+        logits = apply_fn(frozen, params, tokens)[:, :-1].astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        mask = loss_mask[:, 1:]
+        positions = jnp.arange(tokens.shape[1])[None, :]
+        prompts = jnp.where(positions < prompt_len[:, None], tokens, pad_id)
+        # Room to generate past the padded length without clipping the answer.
+        prompts = jnp.pad(prompts, ((0, 0), (0, max_new_tokens)), constant_values=pad_id)
+        generated = greedy_decode(
+            lambda t: apply_fn(frozen, params, t), prompts, prompt_len, max_new_tokens,
+            eos_id, pad_id,
+        )
+        return jnp.sum(ce * mask, axis=1), jnp.sum(mask, axis=1), generated
+
+    return eval_step
+
+
+def evaluate_examples(
+    eval_step: Callable,
+    frozen: PyTree,
+    params: PyTree,
+    examples: TokenizedExamples,
+    tokenizer: Any,
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Runs evaluation over examples in fixed-size batches (the last one padded).
+
+    Returns:
+      Per-example ``loss_sum``, ``target_tokens`` and ``exact_match`` (1.0 when the greedy
+      answer, cut at the first eos, equals the reference response).
+    """
+    n = len(examples.tokens)
+    loss_sum, target_tokens, exact = [], [], []
+    for begin in range(0, n, batch_size):
+        idx = np.arange(begin, begin + batch_size) % n  # pad by wrapping; dropped below
+        valid = min(batch_size, n - begin)
+        out = eval_step(
+            frozen, params, examples.tokens[idx], examples.loss_mask[idx],
+            examples.prompt_len[idx],
+        )
+        ls, tt, generated = jax.device_get(out)
+        loss_sum.append(ls[:valid])
+        target_tokens.append(tt[:valid])
+        for row, i in zip(generated[:valid], idx[:valid], strict=True):
+            exact.append(float(tokenizer.decode(row.tolist()) == examples.responses[i]))
+    return {
+        "loss_sum": np.concatenate(loss_sum),
+        "target_tokens": np.concatenate(target_tokens),
+        "exact_match": np.asarray(exact, np.float64),
+    }
+
+
+def summarize_global(per_example: dict[str, np.ndarray], examples: TokenizedExamples) -> dict:
+    """Loss, perplexity and exact match overall and per label (task family)."""
+    loss = float(per_example["loss_sum"].sum() / max(per_example["target_tokens"].sum(), 1.0))
+    out = {
+        "eval/loss": loss,
+        "eval/perplexity": math.exp(min(loss, 50.0)),
+        "eval/exact_match": float(per_example["exact_match"].mean()),
+    }
+    for label, name in enumerate(examples.label_names):
+        mask = examples.labels == label
+        if mask.any():
+            out[f"eval/exact_match/{name}"] = float(per_example["exact_match"][mask].mean())
+    return out
+
+
+def summarize_clients(per_example: dict[str, np.ndarray], dataset: FederatedDataset) -> dict:
+    """Per-client loss and exact match: the mean over clients and the worst 10% of clients.
+
+    "Worst 10%" is the mean over the tenth of clients with the highest loss (lowest exact
+    match), at least one client.
+    """
+    starts, counts = dataset.client_start, dataset.client_count
+    loss_sum = np.add.reduceat(per_example["loss_sum"], starts)
+    tokens = np.add.reduceat(per_example["target_tokens"], starts)
+    client_loss = loss_sum / np.maximum(tokens, 1.0)
+    client_exact = np.add.reduceat(per_example["exact_match"], starts) / counts
+    worst = max(1, int(math.ceil(0.1 * len(starts))))
+    return {
+        "client/loss_mean": float(client_loss.mean()),
+        "client/loss_worst10": float(np.sort(client_loss)[-worst:].mean()),
+        "client/exact_match_mean": float(client_exact.mean()),
+        "client/exact_match_worst10": float(np.sort(client_exact)[:worst].mean()),
+    }

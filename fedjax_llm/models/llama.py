@@ -1,0 +1,567 @@
+"""Llama-family decoder-only transformer in Flax linen.
+
+The model follows the Hugging Face `LlamaForCausalLM` conventions (RMSNorm, rotary embeddings in
+the "rotate_half" layout, grouped-query attention, SwiGLU MLP, optionally tied embeddings, optional
+q/k/v biases as in Qwen2) so that checkpoints load with a plain renaming of weights.
+
+Besides the frozen base parameters, `Llama.__call__` accepts the parameter-efficient trainable parts
+a federated client may carry: LoRA factors, a soft prompt and per-layer prefix keys/values. They
+enter as call arguments, not as Flax variables, so the base `params` can be closed over (shared by
+every client) while the trainable parts carry a client axis under `jax.vmap`.
+
+References:
+  Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models".
+  Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding".
+  Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models".
+  Shazeer 2020, "GLU Variants Improve Transformer".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of a Llama-family decoder.
+
+    Only simple field types are used so the class can be a node of a draccus (YAML / CLI) config.
+
+    Attributes:
+      vocab_size: Number of token ids (259 = 256 bytes + 3 special tokens by default).
+      hidden_size: Model width D.
+      intermediate_size: Width F of the SwiGLU MLP.
+      num_layers: Number of decoder layers L.
+      num_heads: Number of query heads H.
+      num_kv_heads: Number of key/value heads KV (grouped-query attention when KV < H).
+      head_dim: Per-head width; None means hidden_size // num_heads.
+      rope_theta: Base of the rotary embedding frequencies.
+      rms_norm_eps: Epsilon inside the RMSNorm square root.
+      tie_embeddings: If True the output projection is the transposed input embedding.
+      attention_bias: If True q/k/v projections have biases (Qwen2).
+      max_seq_len: Sequence length the data pipeline and decoding buffers are built for. The model
+        itself has no learned position table, so it does not enforce this length.
+      dtype: Compute dtype, one of COMPUTE_DTYPES. Parameters are always stored in float32.
+      initializer_range: Standard deviation of the normal init of kernels and embeddings.
+    """
+
+    vocab_size: int = 259
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    attention_bias: bool = False
+    max_seq_len: int = 64
+    dtype: str = "float32"
+    initializer_range: float = 0.02
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """Per-head width: `head_dim` if set, else `hidden_size // num_heads`."""
+        if self.head_dim is not None:
+            return self.head_dim
+        return self.hidden_size // self.num_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The JAX dtype named by `dtype`."""
+        return jnp.dtype(self.dtype)
+
+    def validate(self) -> None:
+        """Checks that the fields describe a buildable model.
+
+        Raises:
+          ValueError: If a size is not positive, the heads do not divide evenly, the head width is
+            odd (rotary embeddings rotate pairs), or `dtype` is not one of COMPUTE_DTYPES.
+        """
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_seq_len",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}.")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"LlamaConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                    f"({self.num_heads}), or set head_dim explicitly."
+                )
+        elif not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ValueError(
+                f"LlamaConfig.head_dim must be a positive integer or None, got {self.head_dim!r}."
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LlamaConfig.num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+                f"({self.num_kv_heads})."
+            )
+        if self.resolved_head_dim % 2:
+            raise ValueError(
+                f"LlamaConfig head dimension must be even for rotary embeddings, got "
+                f"{self.resolved_head_dim}."
+            )
+        if self.rope_theta <= 0:
+            raise ValueError(f"LlamaConfig.rope_theta must be positive, got {self.rope_theta}.")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"LlamaConfig.rms_norm_eps must be positive, got {self.rms_norm_eps}.")
+        if self.initializer_range <= 0:
+            raise ValueError(
+                f"LlamaConfig.initializer_range must be positive, got {self.initializer_range}."
+            )
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"LlamaConfig.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}."
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embeddings.
+
+
+def rotary_cos_sin(
+    positions: jax.Array, head_dim: int, theta: float
+) -> tuple[jax.Array, jax.Array]:
+    """Cosine and sine tables of rotary embeddings in the Hugging Face layout.
+
+    Args:
+      positions: Integer positions, shape [..., T].
+      head_dim: Even per-head width hd.
+      theta: Frequency base.
+
+    Returns:
+      (cos, sin), each float32 of shape [..., T, hd]; the hd/2 frequencies are repeated as
+      [f_0..f_{hd/2-1}, f_0..f_{hd/2-1}] to match `rotate_half`.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    # HF pairs dimension i with i + hd/2 (not adjacent dims as in the interleaved RoFormer layout).
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def _apply_cos_sin(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    # x: [B, T, N, hd]; cos/sin: [T, hd]. Rotation in float32: bf16 angles lose position detail.
+    x32 = x.astype(jnp.float32)
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+    return (x32 * cos + _rotate_half(x32) * sin).astype(x.dtype)
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotates query or key vectors by their positions (HF "rotate_half" convention).
+
+    Args:
+      x: Vectors of shape [B, T, N, hd] (N heads).
+      positions: Integer positions of shape [T].
+      theta: Frequency base.
+
+    Returns:
+      The rotated vectors, same shape and dtype as `x`.
+    """
+    cos, sin = rotary_cos_sin(positions, x.shape[-1], theta)
+    return _apply_cos_sin(x, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules.
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32.
+
+    Attributes:
+      eps: Epsilon inside the square root.
+      dtype: Output dtype.
+
+    References:
+      Zhang & Sennrich 2019, "Root Mean Square Layer Normalization".
+    """
+
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalizes the last axis of `x` and scales it by a learned vector.
+
+        Args:
+          x: Input of shape [..., D].
+
+        Returns:
+          Normalized input of the same shape, in `dtype`.
+        """
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale).astype(self.dtype)
+
+
+def _dense(config: LlamaConfig, features: int, name: str, use_bias: bool = False) -> nn.Dense:
+    """A float32-parameter projection computing in the config's dtype."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=config.compute_dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(config.initializer_range),
+        name=name,
+    )
+
+
+def _lora_project(dense: nn.Dense, x: jax.Array, factors: dict | None, scaling: Any) -> jax.Array:
+    """Applies `dense` plus an unmerged low-rank update `scaling * (x @ a) @ b`."""
+    y = dense(x)
+    if factors is None:
+        return y
+    # Never merge a @ b into the kernel: the kernel is shared by all vmapped clients, a merge would
+    # materialize one copy of it per client.
+    a = factors["a"].astype(y.dtype)
+    b = factors["b"].astype(y.dtype)
+    delta = (x.astype(y.dtype) @ a) @ b
+    return y + (scaling * delta).astype(y.dtype)
+
+
+class _Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings and optional prefix keys/values."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, lora, lora_scaling, prefix):
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        hd = cfg.resolved_head_dim
+        num_groups = cfg.num_heads // cfg.num_kv_heads
+        batch, length, _ = x.shape
+
+        def proj(inp, features, name, target, use_bias=False):
+            factors = None if lora is None else lora.get(target)
+            return _lora_project(_dense(cfg, features, name, use_bias), inp, factors, lora_scaling)
+
+        bias = cfg.attention_bias
+        q = proj(x, cfg.num_heads * hd, "q_proj", "q", bias)
+        k = proj(x, cfg.num_kv_heads * hd, "k_proj", "k", bias)
+        v = proj(x, cfg.num_kv_heads * hd, "v_proj", "v", bias)
+        q = _apply_cos_sin(q.reshape(batch, length, cfg.num_heads, hd), cos, sin)
+        k = _apply_cos_sin(k.reshape(batch, length, cfg.num_kv_heads, hd), cos, sin)
+        v = v.reshape(batch, length, cfg.num_kv_heads, hd)
+
+        if prefix is not None:
+            # Prefix slots carry no position: they are learned keys/values, not rotated tokens.
+            pk = jnp.broadcast_to(prefix["key"].astype(dtype), (batch, *prefix["key"].shape))
+            pv = jnp.broadcast_to(prefix["value"].astype(dtype), (batch, *prefix["value"].shape))
+            k = jnp.concatenate([pk, k], axis=1)
+            v = jnp.concatenate([pv, v], axis=1)
+
+        # Query head h = kv * num_groups + g uses kv head `kv` (HF repeat_kv order). Grouping the
+        # query heads avoids materializing repeated keys/values.
+        q = q.reshape(batch, length, cfg.num_kv_heads, num_groups, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (hd**-0.5)
+        # A finite fill keeps fully masked rows (e.g. leading pads) free of NaNs, which would
+        # otherwise leak into gradients even when their loss weight is zero.
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        out = out.reshape(batch, length, cfg.num_heads * hd)
+        return proj(out, cfg.hidden_size, "o_proj", "o")
+
+
+class _MLP(nn.Module):
+    """SwiGLU feed-forward block: down(silu(gate(x)) * up(x))."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, lora, lora_scaling):
+        cfg = self.config
+
+        def proj(inp, features, name, target):
+            factors = None if lora is None else lora.get(target)
+            return _lora_project(_dense(cfg, features, name), inp, factors, lora_scaling)
+
+        gate = proj(x, cfg.intermediate_size, "gate_proj", "gate")
+        up = proj(x, cfg.intermediate_size, "up_proj", "up")
+        return proj(nn.silu(gate) * up, cfg.hidden_size, "down_proj", "down")
+
+
+class _DecoderLayer(nn.Module):
+    """Pre-norm decoder layer; the body of the `nn.scan` over layers."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, layer_inputs, cos, sin, mask, lora_scaling):
+        cfg = self.config
+        lora, prefix = layer_inputs
+        norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype)
+        h = norm(name="attn_norm")(x)
+        x = x + _Attention(cfg, name="attn")(h, cos, sin, mask, lora, lora_scaling, prefix)
+        h = norm(name="mlp_norm")(x)
+        x = x + _MLP(cfg, name="mlp")(h, lora, lora_scaling)
+        return x, None
+
+
+class Llama(nn.Module):
+    """Llama-family decoder returning next-token logits.
+
+    Layers are stacked with `nn.scan` (parameters carry a leading layer axis), so compile time does
+    not grow with depth.
+
+    Attributes:
+      config: The architecture.
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        lora: dict | None = None,
+        lora_scaling: float = 1.0,
+        prompt_embeddings: jax.Array | None = None,
+        prefix: dict | None = None,
+    ) -> jax.Array:
+        """Computes logits for every position.
+
+        Args:
+          tokens: Token ids, int32 [B, T].
+          attention_mask: Bool [B, T], True for real tokens; None means all real. Masked positions
+            are never attended to (as keys); their own logits are unspecified but finite.
+          lora: Optional LoRA factors, a dict with keys from ('q', 'k', 'v', 'o', 'gate', 'up',
+            'down'), each {'a': [L, d_in, r], 'b': [L, r, d_out]}.
+            The projection becomes `x @ W + lora_scaling * (x @ a) @ b` (never merged).
+          lora_scaling: Multiplier of the LoRA update (alpha / rank).
+          prompt_embeddings: Optional soft prompt [P, D] prepended to the token embeddings. Prompt
+            positions are always attended to and take rotary positions 0..P-1; real tokens start
+            at P. Only the T real positions' logits are returned.
+          prefix: Optional prefix-tuning keys/values {'key': [L, P, KV, hd], 'value': [L, P, KV,
+            hd]} prepended to each layer's keys and values, without rotary embedding. Every query
+            attends to all P slots; real tokens keep positions 0..T-1.
+
+        Returns:
+          Logits, float32 [B, T, V].
+
+        Raises:
+          ValueError: If the config is invalid or an input has the wrong shape or keys.
+        """
+        cfg = self.config
+        cfg.validate()
+        dtype = cfg.compute_dtype
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape [batch, length], got {tokens.shape}.")
+        batch, length = tokens.shape
+        _check_lora(cfg, lora)
+        _check_prefix(cfg, prefix)
+
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            embedding_init=nn.initializers.normal(cfg.initializer_range),
+            name="embed",
+        )
+        x = embed(tokens)
+        if attention_mask is None:
+            key_valid = jnp.ones((batch, length), dtype=bool)
+        else:
+            if attention_mask.shape != tokens.shape:
+                raise ValueError(
+                    f"attention_mask shape {attention_mask.shape} must equal tokens shape "
+                    f"{tokens.shape}."
+                )
+            key_valid = attention_mask.astype(bool)
+
+        num_prompt = 0
+        if prompt_embeddings is not None:
+            if prompt_embeddings.ndim != 2 or prompt_embeddings.shape[1] != cfg.hidden_size:
+                raise ValueError(
+                    f"prompt_embeddings must have shape [P, {cfg.hidden_size}], got "
+                    f"{prompt_embeddings.shape}."
+                )
+            num_prompt = prompt_embeddings.shape[0]
+            prompt = prompt_embeddings.astype(dtype)
+            prompt = jnp.broadcast_to(prompt, (batch, *prompt.shape))
+            x = jnp.concatenate([prompt, x], axis=1)
+            key_valid = jnp.concatenate([jnp.ones((batch, num_prompt), bool), key_valid], axis=1)
+
+        total = num_prompt + length
+        cos, sin = rotary_cos_sin(jnp.arange(total), cfg.resolved_head_dim, cfg.rope_theta)
+        causal = jnp.tril(jnp.ones((total, total), dtype=bool))
+        mask = causal[None] & key_valid[:, None, :]  # [B, T_q, T_k]
+        if prefix is not None:
+            num_prefix = prefix["key"].shape[1]
+            mask = jnp.concatenate([jnp.ones((batch, total, num_prefix), bool), mask], axis=-1)
+
+        layers = nn.scan(
+            _DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+        )(cfg, name="layers")
+        x, _ = layers(x, (lora, prefix), cos, sin, mask, lora_scaling)
+
+        x = RMSNorm(cfg.rms_norm_eps, dtype=dtype, name="final_norm")(x)
+        x = x[:, num_prompt:]
+        if cfg.tie_embeddings:
+            logits = jnp.einsum(
+                "btd,vd->btv", x, embed.embedding.astype(dtype), preferred_element_type=jnp.float32
+            )
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                kernel_init=nn.initializers.normal(cfg.initializer_range),
+                # Accumulate and return logits in float32 even under bf16 compute.
+                dot_general=functools.partial(
+                    jax.lax.dot_general, preferred_element_type=jnp.float32
+                ),
+                name="lm_head",
+            )(x)
+        return logits.astype(jnp.float32)
+
+
+def lora_target_dims(config: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """Input and output widths of every projection LoRA can adapt.
+
+    Args:
+      config: The architecture.
+
+    Returns:
+      A dict from target name ('q', 'k', 'v', 'o', 'gate', 'up', 'down') to (d_in, d_out).
+    """
+    hd = config.resolved_head_dim
+    d, f = config.hidden_size, config.intermediate_size
+    return {
+        "q": (d, config.num_heads * hd),
+        "k": (d, config.num_kv_heads * hd),
+        "v": (d, config.num_kv_heads * hd),
+        "o": (config.num_heads * hd, d),
+        "gate": (d, f),
+        "up": (d, f),
+        "down": (f, d),
+    }
+
+
+def _check_lora(config: LlamaConfig, lora: dict | None) -> None:
+    if lora is None:
+        return
+    dims = lora_target_dims(config)
+    for target, factors in lora.items():
+        if target not in dims:
+            raise ValueError(f"Unknown LoRA target {target!r}; valid targets are {tuple(dims)}.")
+        if not isinstance(factors, dict) or set(factors) != {"a", "b"}:
+            raise ValueError(f"LoRA factors of {target!r} must be a dict with keys 'a' and 'b'.")
+        a, b = factors["a"], factors["b"]
+        d_in, d_out = dims[target]
+        rank = a.shape[-1] if a.ndim else -1
+        want_a = (config.num_layers, d_in, rank)
+        want_b = (config.num_layers, rank, d_out)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise ValueError(
+                f"LoRA factors of {target!r} have shapes a={tuple(a.shape)}, b={tuple(b.shape)}; "
+                f"expected a=[L, d_in, r]={want_a} and b=[L, r, d_out]={want_b} for this config."
+            )
+
+
+def _check_prefix(config: LlamaConfig, prefix: dict | None) -> None:
+    if prefix is None:
+        return
+    if not isinstance(prefix, dict) or set(prefix) != {"key", "value"}:
+        raise ValueError("prefix must be a dict with keys 'key' and 'value'.")
+    shape = tuple(prefix["key"].shape)
+    if (
+        len(shape) != 4
+        or shape[0] != config.num_layers
+        or shape[2:] != (config.num_kv_heads, config.resolved_head_dim)
+        or tuple(prefix["value"].shape) != shape
+    ):
+        raise ValueError(
+            f"prefix key/value must both have shape [L, P, KV, hd] = [{config.num_layers}, P, "
+            f"{config.num_kv_heads}, {config.resolved_head_dim}], got key {shape} and value "
+            f"{tuple(prefix['value'].shape)}."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers.
+
+
+def init_params(config: LlamaConfig, key: jax.Array) -> dict:
+    """Randomly initializes the base parameters.
+
+    Kernels and the embedding are normal(config.initializer_range), norm scales are ones, biases
+    zeros; all float32.
+
+    Args:
+      config: The architecture.
+      key: PRNG key.
+
+    Returns:
+      The parameter dict (without the outer {'params': ...} wrapper).
+
+    Raises:
+      ValueError: If the config is invalid.
+    """
+    config.validate()
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Llama(config).init(key, tokens)["params"]
+
+
+def apply(config: LlamaConfig, params: dict, tokens: jax.Array, **kwargs: Any) -> jax.Array:
+    """Runs the model: `Llama(config).apply({'params': params}, tokens, **kwargs)`.
+
+    Args:
+      config: The architecture.
+      params: Base parameters as returned by `init_params`.
+      tokens: Token ids, int32 [B, T].
+      **kwargs: Further arguments of `Llama.__call__` (attention_mask, lora, lora_scaling,
+        prompt_embeddings, prefix).
+
+    Returns:
+      Logits, float32 [B, T, V].
+    """
+    return Llama(config).apply({"params": params}, tokens, **kwargs)
+
+
+def count_params(tree: Any) -> int:
+    """Counts the scalar entries of all array leaves in a pytree.
+
+    Args:
+      tree: Any pytree of arrays.
+
+    Returns:
+      The total number of elements.
+    """
+    return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree_util.tree_leaves(tree))

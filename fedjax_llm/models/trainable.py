@@ -1,0 +1,157 @@
+"""What a federated client trains, and how the model uses it.
+
+A `Trainable` splits the model into a frozen part, shared by every client (closed over or
+`in_axes=None` under `jax.vmap`), and a trainable pytree that carries the client axis. The four
+modes cover federated pre-training / full fine-tuning, LoRA fine-tuning and prompt tuning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+
+from fedjax_llm.models import llama
+from fedjax_llm.models.llama import LlamaConfig
+from fedjax_llm.models.lora import check_lora_targets, init_lora
+from fedjax_llm.models.prefix import init_prefix
+from fedjax_llm.models.soft_prompt import PROMPT_INITS, init_soft_prompt
+
+TRAINABLE_MODES = ("full", "lora", "soft_prompt", "prefix")
+
+
+class Trainable(NamedTuple):
+    """What a client trains and how the model uses it.
+
+    Attributes:
+      mode: One of TRAINABLE_MODES.
+      init: (key, base_params) -> the initial trainable pytree.
+      frozen: base_params -> the frozen pytree shared by all clients ({} for 'full', the base
+        params otherwise).
+      apply: (frozen, trainable, tokens [B, T], attention_mask=None) -> logits [B, T, V] float32.
+        `attention_mask` is an optional bool [B, T] (True = real token); right padding needs none,
+        since causal attention never lets real tokens see the pads after them.
+    """
+
+    mode: str
+    init: Callable[[jax.Array, dict], Any]
+    frozen: Callable[[dict], Any]
+    apply: Callable[..., jax.Array]
+
+
+def make_trainable(
+    model_config: LlamaConfig,
+    mode: str,
+    *,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_targets: Sequence[str] = ("q", "v"),
+    num_virtual_tokens: int = 8,
+    prompt_init: str = "vocab",
+) -> Trainable:
+    """Builds the `Trainable` for a mode.
+
+    Args:
+      model_config: The architecture.
+      mode: 'full' trains all base params (fine-tuning, or pre-training from a random init);
+        'lora' trains LoRA factors (Hu et al. 2021) with scaling lora_alpha / lora_rank;
+        'soft_prompt' trains prepended input vectors (Lester et al. 2021); 'prefix' trains
+        per-layer key/value prefixes (Li & Liang 2021).
+      lora_rank: LoRA rank ('lora' only).
+      lora_alpha: LoRA alpha ('lora' only).
+      lora_targets: Projections LoRA adapts, names from LORA_TARGETS ('lora' only).
+      num_virtual_tokens: Soft prompt or prefix length P ('soft_prompt' / 'prefix' only).
+      prompt_init: Soft prompt init, one of PROMPT_INITS ('soft_prompt' only).
+
+    Returns:
+      The Trainable.
+
+    Raises:
+      ValueError: For an unknown mode, an invalid model config, or invalid options of the chosen
+        mode (checked here, so mistakes surface before any training starts).
+    """
+    model_config.validate()
+    config = model_config
+
+    if mode == "full":
+
+        def init(key: jax.Array, base_params: dict) -> Any:
+            del key  # The trainable part is the base itself.
+            return base_params
+
+        def apply(
+            frozen: Any, trainable: Any, tokens: jax.Array, attention_mask: jax.Array | None = None
+        ) -> jax.Array:
+            del frozen
+            return llama.apply(config, trainable, tokens, attention_mask=attention_mask)
+
+        return Trainable(mode, init, lambda base_params: {}, apply)
+
+    if mode == "lora":
+        targets = check_lora_targets(lora_targets)
+        if not isinstance(lora_rank, int) or lora_rank <= 0:
+            raise ValueError(f"lora_rank must be a positive integer, got {lora_rank!r}.")
+        scaling = lora_alpha / lora_rank
+
+        def init(key: jax.Array, base_params: dict) -> Any:
+            del base_params
+            return init_lora(config, key, lora_rank, targets)
+
+        def apply(
+            frozen: Any, trainable: Any, tokens: jax.Array, attention_mask: jax.Array | None = None
+        ) -> jax.Array:
+            return llama.apply(
+                config,
+                frozen,
+                tokens,
+                attention_mask=attention_mask,
+                lora=trainable,
+                lora_scaling=scaling,
+            )
+
+        return Trainable(mode, init, _identity, apply)
+
+    if mode in ("soft_prompt", "prefix"):
+        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens <= 0:
+            raise ValueError(
+                f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}."
+            )
+
+    if mode == "soft_prompt":
+        if prompt_init not in PROMPT_INITS:
+            raise ValueError(f"Unknown prompt_init {prompt_init!r}; choose one of {PROMPT_INITS}.")
+
+        def init(key: jax.Array, base_params: dict) -> Any:
+            return init_soft_prompt(config, base_params, key, num_virtual_tokens, prompt_init)
+
+        def apply(
+            frozen: Any, trainable: Any, tokens: jax.Array, attention_mask: jax.Array | None = None
+        ) -> jax.Array:
+            return llama.apply(
+                config, frozen, tokens, attention_mask=attention_mask, prompt_embeddings=trainable
+            )
+
+        return Trainable(mode, init, _identity, apply)
+
+    if mode == "prefix":
+
+        def init(key: jax.Array, base_params: dict) -> Any:
+            del base_params
+            return init_prefix(config, key, num_virtual_tokens)
+
+        def apply(
+            frozen: Any, trainable: Any, tokens: jax.Array, attention_mask: jax.Array | None = None
+        ) -> jax.Array:
+            return llama.apply(
+                config, frozen, tokens, attention_mask=attention_mask, prefix=trainable
+            )
+
+        return Trainable(mode, init, _identity, apply)
+
+    raise ValueError(f"Unknown trainable mode {mode!r}; choose one of {TRAINABLE_MODES}.")
+
+
+def _identity(base_params: dict) -> dict:
+    # The whole base is frozen and shared; it is never copied per client.
+    return base_params

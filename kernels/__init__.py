@@ -1,0 +1,21 @@
+"""Jitted building blocks over a leading client axis ``[C, *shape]``.
+
+Each kernel takes per-client pytrees stacked on axis 0 and returns params-shaped outputs,
+the contract of `optax.experimental` aggregators, so they compose inside one compiled round.
+"""
+
+from kernels.aggregation import (
+    WeightedSum,
+    weighted_mean,
+    weighted_sum_finalize,
+    weighted_sum_init,
+    weighted_sum_update,
+)
+
+__all__ = [
+    "WeightedSum",
+    "weighted_mean",
+    "weighted_sum_finalize",
+    "weighted_sum_init",
+    "weighted_sum_update",
+]

@@ -1,0 +1,190 @@
+"""Tests for fedjax_llm.data.partitioners."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from fedjax_llm.data import (
+    PARTITIONERS,
+    format_partition_stats,
+    partition,
+    partition_stats,
+)
+
+# Keyword arguments that make each partitioner's defining property visible.
+KWARGS = {
+    "iid": {},
+    "dirichlet": {"alpha": 0.5},
+    "pathological": {"classes_per_client": 2},
+    "quantity_skew": {"sigma": 1.0},
+}
+
+
+def _labels(n, num_labels, seed, skew=False):
+    rng = np.random.default_rng(seed)
+    p = None
+    if skew:  # imbalanced label frequencies
+        p = np.arange(1, num_labels + 1, dtype=float)
+        p /= p.sum()
+    return rng.choice(num_labels, size=n, p=p)
+
+
+def _client_label_counts(assignment, labels, num_labels):
+    return np.stack([np.bincount(labels[a], minlength=num_labels) for a in assignment])
+
+
+def test_registry():
+    assert set(PARTITIONERS) == set(KWARGS)
+
+
+@pytest.mark.parametrize("name", sorted(KWARGS))
+@pytest.mark.parametrize(
+    "n, num_clients, num_labels, min_examples, skew",
+    [
+        (50, 5, 3, 2, False),
+        (200, 37, 7, 2, True),
+        (1000, 100, 7, 3, False),
+        (64, 32, 4, 2, True),  # exactly num_clients * min_examples examples
+        (500, 1, 5, 2, False),
+    ],
+)
+def test_is_a_partition_with_min_sizes(name, n, num_clients, num_labels, min_examples, skew):
+    for seed in range(3):
+        labels = _labels(n, num_labels, seed, skew)
+        kwargs = dict(KWARGS[name], min_examples=min_examples)
+        if name == "pathological":
+            kwargs["classes_per_client"] = min(2, num_labels)
+            if num_clients * 2 < num_labels:
+                kwargs["classes_per_client"] = num_labels
+        assignment = partition(name, labels, num_clients, seed, **kwargs)
+        assert len(assignment) == num_clients
+        idx = np.concatenate(assignment)
+        np.testing.assert_array_equal(np.sort(idx), np.arange(n))  # every index exactly once
+        assert min(a.size for a in assignment) >= min_examples
+        for a in assignment:
+            assert np.all(np.diff(a) > 0)  # sorted within a client
+
+
+@pytest.mark.parametrize("name", sorted(KWARGS))
+def test_deterministic_by_seed(name):
+    labels = _labels(500, 5, 0)
+    a = partition(name, labels, 20, 7, **KWARGS[name])
+    b = partition(name, labels, 20, 7, **KWARGS[name])
+    c = partition(name, labels, 20, 8, **KWARGS[name])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_iid_equal_sizes():
+    sizes = [a.size for a in partition("iid", _labels(1003, 5, 0), 10, 0)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_dirichlet_small_alpha_lowers_entropy():
+    labels = _labels(5000, 7, 0)
+    names = [str(i) for i in range(7)]
+    iid = partition_stats(partition("iid", labels, 100, 0), labels, names)
+    for alpha, expected_max in [(0.1, 0.5), (1.0, 1.4)]:
+        skew = partition_stats(partition("dirichlet", labels, 100, 0, alpha=alpha), labels, names)
+        assert skew["client_label_entropy_mean"] < expected_max < iid["client_label_entropy_mean"]
+    near_iid = partition_stats(partition("dirichlet", labels, 100, 0, alpha=1e4), labels, names)
+    assert near_iid["client_label_entropy_mean"] > 0.9 * iid["client_label_entropy_mean"]
+
+
+def test_dirichlet_equal_sizes():
+    labels = _labels(1000, 7, 1, skew=True)
+    sizes = [a.size for a in partition("dirichlet", labels, 30, 0, alpha=0.05)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+def test_pathological_exactly_k_labels(k):
+    for seed, skew in [(0, False), (1, True)]:
+        labels = _labels(2000, 7, seed, skew)
+        assignment = partition("pathological", labels, 50, seed, classes_per_client=k)
+        counts = _client_label_counts(assignment, labels, 7)
+        np.testing.assert_array_equal((counts > 0).sum(axis=1), k)
+
+
+def test_quantity_skew_sizes():
+    labels = _labels(10000, 5, 0)
+    sizes = np.array([a.size for a in partition("quantity_skew", labels, 100, 0, sigma=1.5)])
+    assert sizes.max() > 5 * np.median(sizes)
+    equal = [a.size for a in partition("quantity_skew", labels, 100, 0, sigma=0.0)]
+    assert max(equal) - min(equal) <= 1
+
+
+@pytest.mark.parametrize("name", sorted(KWARGS))
+def test_speed_100k_examples_10k_clients(name):
+    labels = _labels(100_000, 7, 0)
+    partition(name, labels[:1000], 100, 0, **KWARGS[name])  # warm up imports and caches
+    start = time.perf_counter()
+    assignment = partition(name, labels, 10_000, 0, **KWARGS[name])
+    elapsed = time.perf_counter() - start
+    assert len(assignment) == 10_000
+    assert elapsed < 2.0, f"{name} took {elapsed:.2f} s"
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, match",
+    [
+        ("dirichlet", {"alpha": 0.0}, "alpha"),
+        ("dirichlet", {"alpha": -1.0}, "alpha"),
+        ("dirichlet", {"alpha": float("nan")}, "alpha"),
+        ("pathological", {"classes_per_client": 8}, "classes_per_client"),
+        ("pathological", {"classes_per_client": 0}, "classes_per_client"),
+        ("quantity_skew", {"sigma": -0.5}, "sigma"),
+        ("iid", {"min_examples": 0}, "min_examples"),
+        ("iid", {"alpha": 1.0}, "alpha.*accepts"),
+        ("nope", {}, "partitioner.*valid names.*'dirichlet'"),
+    ],
+)
+def test_bad_kwargs(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        partition(name, _labels(100, 7, 0), 10, 0, **kwargs)
+
+
+def test_too_many_clients():
+    with pytest.raises(ValueError, match="num_clients"):
+        partition("iid", _labels(100, 7, 0), 51, 0)  # 51 * min_examples(2) > 100
+    with pytest.raises(ValueError, match="num_clients"):
+        partition("dirichlet", _labels(100, 7, 0), 0, 0)
+
+
+def test_pathological_too_few_shards():
+    # 3 clients x 2 labels cannot cover 7 labels without leaving examples unassigned.
+    with pytest.raises(ValueError, match="classes_per_client"):
+        partition("pathological", _labels(100, 7, 0), 3, 0, classes_per_client=2)
+
+
+def test_pathological_refuses_undersized_clients():
+    # Label 0 has one example, so the client holding its only shard would get 1 < 2 examples.
+    labels = np.array([0] + [1] * 19)
+    with pytest.raises(ValueError, match="min_examples"):
+        partition("pathological", labels, 10, 0, classes_per_client=1)
+
+
+def test_bad_seed_and_labels():
+    with pytest.raises(ValueError, match="seed"):
+        partition("iid", _labels(100, 7, 0), 10, -1)
+    with pytest.raises(ValueError, match="labels"):
+        partition("iid", np.zeros((10, 2), dtype=int), 2, 0)
+
+
+def test_partition_stats_by_hand():
+    labels = np.array([0, 0, 1, 1, 2, 0])
+    assignment = [np.array([0, 1]), np.array([2, 4]), np.array([3, 5])]
+    stats = partition_stats(assignment, labels, ["a", "b", "c"])
+    json.dumps(stats)  # JSON-serializable
+    assert stats["num_clients"] == 3 and stats["num_examples"] == 6
+    assert stats["examples_per_client"] == {"min": 2, "median": 2.0, "mean": 2.0, "max": 2}
+    assert stats["labels_per_client_mean"] == pytest.approx(5 / 3)
+    assert stats["client_label_entropy_mean"] == pytest.approx(2 * np.log(2) / 3)
+    assert stats["global_label_entropy"] == pytest.approx(
+        -(1 / 2 * np.log(1 / 2) + 1 / 3 * np.log(1 / 3) + 1 / 6 * np.log(1 / 6))
+    )
+    assert stats["global_label_histogram"] == {"a": 3, "b": 2, "c": 1}
+    text = format_partition_stats(stats)
+    assert "3 clients" in text and "a 3, b 2, c 1" in text and len(text.splitlines()) >= 4
