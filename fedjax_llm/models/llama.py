@@ -536,7 +536,8 @@ def init_params(config: LlamaConfig, key: jax.Array) -> dict:
     """
     config.validate()
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return Llama(config).init(key, tokens)["params"]
+    # Jitted: the eager init would dispatch the dummy forward pass op by op.
+    return jax.jit(lambda key: Llama(config).init(key, tokens)["params"])(key)
 
 
 def apply(config: LlamaConfig, params: dict, tokens: jax.Array, **kwargs: Any) -> jax.Array:

@@ -1,0 +1,59 @@
+"""Shared test setup: 8 host CPU devices (so sharding can be tested here) and tiny configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+# Must happen before jax initializes its backends.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import pytest  # noqa: E402
+
+from fedjax_llm.config import (  # noqa: E402
+    AlgorithmConfig,
+    ClientConfig,
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    RunConfig,
+    TrainableConfig,
+)
+from fedjax_llm.models.llama import LlamaConfig  # noqa: E402
+
+
+def tiny_config(output_dir: str, **sections) -> ExperimentConfig:
+    """A fast experiment: 1-layer d=32 model, 8 clients, 4 per round, 2 local steps.
+
+    Keyword arguments replace fields of a section, e.g. ``client={"lr": 0.5}``.
+    """
+    config = ExperimentConfig(
+        model=LlamaConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                          num_kv_heads=2, max_seq_len=32),
+        trainable=TrainableConfig(mode="full"),
+        data=DataConfig(task_families=("copy", "max", "add"), num_clients=8,
+                        examples_per_client=12, seq_len=32, eval_examples_per_family=8),
+        client=ClientConfig(optimizer="sgd", lr=0.5, local_steps=2, batch_size=4),
+        algorithm=AlgorithmConfig(name="fedavg"),
+        run=RunConfig(num_rounds=3, num_clients_per_round=4, output_dir=output_dir,
+                      checkpoint_every=0, keep_checkpoints=3),
+        eval=EvalConfig(every=100, max_new_tokens=4, batch_size=64),
+    )
+    replaced = {
+        name: dataclasses.replace(getattr(config, name), **fields)
+        for name, fields in sections.items()
+    }
+    return dataclasses.replace(config, **replaced)
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """Returns `tiny_config` bound to a fresh run directory."""
+    counter = iter(range(1000))
+
+    def make(**sections) -> ExperimentConfig:
+        return tiny_config(str(tmp_path / f"run{next(counter)}"), **sections)
+
+    return make
