@@ -27,6 +27,7 @@ RESUMABLE_FIELDS = (
     "run.keep_checkpoints",
     "run.log_every",
     "run.clients_per_chunk",
+    "run.stop_after",
 )
 
 

@@ -178,6 +178,9 @@ class RunConfig:
       keep_checkpoints: keep the last this many checkpoints.
       resume: continue from the latest checkpoint in ``output_dir``.
       log_every: print and fetch progress every this many rounds.
+      stop_after: stop after this many rounds (with a checkpoint) although the schedule runs
+        to ``num_rounds``: splits a long run across time-limited jobs, each continued with
+        ``--run.resume true``.
     """
 
     num_rounds: int = 60
@@ -189,6 +192,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     log_every: int = 1
+    stop_after: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +263,8 @@ class ExperimentConfig:
                 f"run.num_clients_per_round={self.run.num_clients_per_round} (or null for one "
                 "chunk of all sampled clients)."
             )
+        if self.run.stop_after is not None and self.run.stop_after <= 0:
+            raise ConfigError(f"run.stop_after={self.run.stop_after} must be positive or null.")
         if self.client.local_epochs is not None and self.client.local_epochs <= 0:
             raise ConfigError(f"client.local_epochs={self.client.local_epochs} must be > 0.")
         if not 0.0 < self.data.test_fraction < 1.0:

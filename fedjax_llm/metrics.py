@@ -60,6 +60,7 @@ class RoundProgress:
     """
 
     def __init__(self, total: int, completed: int = 0, enabled: bool = True):
+        self.enabled = enabled
         self.console = Console(stderr=True)
         self._progress = Progress(
             TextColumn("round"),
@@ -85,8 +86,9 @@ class RoundProgress:
         self._progress.update(self._task, completed=completed, status=status)
 
     def log(self, text: str) -> None:
-        """Prints a line above the bar."""
-        self._progress.console.print(text)
+        """Prints a line above the bar (nothing for a silent run)."""
+        if self.enabled:
+            self._progress.console.print(text)
 
 
 def _fmt(value: Any) -> str:

@@ -273,8 +273,9 @@ class Simulation:
             down_bytes, up_bytes = self._communication()
             progress.log(f"compiled the round in {compile_s:.2f} s")
             last_good = None
+            end = min(run.num_rounds, run.stop_after or run.num_rounds)
             with progress:
-                for r in range(self.start_round, run.num_rounds):
+                for r in range(self.start_round, end):
                     ids, round_key, hparams, lr = self._round_args(r)
                     t0 = time.perf_counter()
                     self.server_state, self.client_store, out = self._compiled(
@@ -307,12 +308,12 @@ class Simulation:
                             f"last good checkpoint is {last_good or 'none (no checkpoint yet)'}. "
                             "Lower client.lr or server.lr, or set client.grad_clip_norm."
                         )
-                    if completed % config.eval.every == 0 or completed == run.num_rounds:
+                    if completed % config.eval.every == 0 or completed == end:
                         record.update(self.evaluate())
                     self.history.append(record)
                     writer.write(record)
                     every = run.checkpoint_every
-                    if (every and completed % every == 0) or completed == run.num_rounds:
+                    if (every and completed % every == 0) or completed == end:
                         self.checkpointer.save(completed, self._state(), self._metadata(completed))
                         last_good = self.checkpointer.path(completed)
                     if completed % run.log_every == 0:

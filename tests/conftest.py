@@ -35,7 +35,7 @@ def tiny_config(output_dir: str, **sections) -> ExperimentConfig:
         trainable=TrainableConfig(mode="full"),
         data=DataConfig(task_families=("copy", "max", "add"), num_clients=8,
                         examples_per_client=12, seq_len=32, eval_examples_per_family=8),
-        client=ClientConfig(optimizer="sgd", lr=0.5, local_steps=2, batch_size=4),
+        client=ClientConfig(optimizer="adamw", lr=0.02, local_steps=2, batch_size=4),
         algorithm=AlgorithmConfig(name="fedavg"),
         run=RunConfig(num_rounds=3, num_clients_per_round=4, output_dir=output_dir,
                       checkpoint_every=0, keep_checkpoints=3),

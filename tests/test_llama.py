@@ -442,6 +442,7 @@ def test_bad_inputs_raise():
 
 def test_jit_traces_once_per_shape():
     params = llama.init_params(TINY, jax.random.key(0))
+    chex.clear_trace_counter()
 
     @jax.jit
     @chex.assert_max_traces(n=1)

@@ -152,6 +152,37 @@ def test_lora_vmap_over_clients_equals_loop(base_params, tokens):
     assert not np.allclose(got[0], got[1])
 
 
+def _all_shapes(jaxpr):
+    """Shapes of every intermediate value, including inside scan / pjit sub-programs."""
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            yield tuple(var.aval.shape)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if hasattr(sub, "eqns"):
+                    yield from _all_shapes(sub)
+                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                    yield from _all_shapes(sub.jaxpr)
+
+
+def test_lora_vmap_never_materializes_per_client_kernels():
+    config = dataclasses.replace(TINY, hidden_size=24, intermediate_size=40)
+    base = llama.init_params(config, jax.random.key(0))
+    trainable = make_trainable(config, "lora", lora_rank=2, lora_targets=LORA_TARGETS)
+    num_clients = 3
+    client_lora = jax.vmap(lambda k: trainable.init(k, base))(
+        jax.random.split(jax.random.key(1), 3)
+    )
+    tokens = jnp.zeros((2, 5), jnp.int32)
+    jaxpr = jax.make_jaxpr(
+        lambda lora: jax.vmap(trainable.apply, in_axes=(None, 0, None))(base, lora, tokens)
+    )(client_lora).jaxpr
+    shapes = set(_all_shapes(jaxpr))
+    for d_in, d_out in llama.lora_target_dims(config).values():
+        assert (num_clients, d_in, d_out) not in shapes
+        assert (num_clients, config.num_layers, d_in, d_out) not in shapes
+
+
 # ---------------------------------------------------------------------------------------------
 # Soft prompt and prefix.
 
@@ -265,7 +296,7 @@ def test_full_mode(base_params, tokens):
     got = jax.jit(trainable.apply)({}, params, tokens)
     want = jax.jit(llama.apply, static_argnums=0)(TINY, base_params, tokens)
     chex.assert_trees_all_equal(got, want)
-    grads = jax.grad(_loss)(params, trainable.apply, {}, tokens)
+    grads = jax.jit(jax.grad(_loss), static_argnums=1)(params, trainable.apply, {}, tokens)
     chex.assert_trees_all_equal_shapes(grads, base_params)
 
 

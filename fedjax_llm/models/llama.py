@@ -560,9 +560,13 @@ def count_params(tree: Any) -> int:
     """Counts the scalar entries of all array leaves in a pytree.
 
     Args:
-      tree: Any pytree of arrays.
+      tree: Any pytree of arrays (or of `jax.ShapeDtypeStruct`s).
 
     Returns:
       The total number of elements.
     """
-    return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
+    # `.shape` also covers jax.ShapeDtypeStruct leaves from `jax.eval_shape`.
+    return sum(
+        math.prod(getattr(leaf, "shape", jnp.shape(leaf)))
+        for leaf in jax.tree_util.tree_leaves(tree)
+    )

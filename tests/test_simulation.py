@@ -1,0 +1,136 @@
+"""End-to-end runs through `Simulation`: each training mode, resume equality, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from fedjax_llm import ConfigError, DivergenceError, RunDirectoryError, Simulation, simulate
+from fedjax_llm.metrics import read_jsonl
+
+
+@pytest.mark.parametrize(
+    "trainable,client",
+    [
+        ({"mode": "full"}, {"lr": 0.02}),
+        ({"mode": "lora", "lora_rank": 4, "lora_targets": ("q", "v", "up")}, {"lr": 0.05}),
+        ({"mode": "soft_prompt", "num_virtual_tokens": 4}, {"lr": 0.1}),
+        ({"mode": "prefix", "num_virtual_tokens": 4}, {"lr": 0.1}),
+    ],
+)
+def test_each_mode_trains_and_writes_the_run_directory(make_config, trainable, client):
+    config = make_config(trainable=trainable, client=client, run={"num_rounds": 4})
+    history = simulate(config)
+    losses = [h["train_loss"] for h in history if "train_loss" in h]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+    before, after = history[0], history[-1]
+    assert before["round"] == 0 and after["round"] == 4
+    assert after["eval/loss"] < before["eval/loss"]
+    for key in ("client/loss_mean", "client/loss_worst10", "eval/exact_match/copy",
+                "bytes_up", "bytes_down", "tokens_per_s", "client_updates_per_s"):
+        assert key in after
+    assert after["client/loss_worst10"] >= after["client/loss_mean"]
+    run_dir = config.run.output_dir
+    for name in ("config.yaml", "metrics.jsonl", "partition.json", "summary.json"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    assert read_jsonl(os.path.join(run_dir, "metrics.jsonl")) == history
+    assert "compile_time_s" in history[1]
+
+
+def test_bytes_sent_match_the_trainable_size(make_config):
+    config = make_config(trainable={"mode": "lora", "lora_rank": 2, "lora_targets": ("q",)},
+                         run={"num_rounds": 1})
+    sim = Simulation(config, verbose=False)
+    lora_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(sim.params))
+    record = sim.run()[-1]
+    assert record["bytes_down"] == 4 * lora_bytes
+    assert record["bytes_up"] == record["participants"] * lora_bytes
+
+
+@pytest.mark.parametrize("algorithm", ["scaffold", "fedadam"])
+def test_resume_is_bit_for_bit(make_config, algorithm):
+    sections = {"algorithm": {"name": algorithm}, "server": {"lr": 0.01 if algorithm ==
+                                                              "fedadam" else 1.0},
+                "client": {"schedule": "cosine", "optimizer": "momentum", "lr": 0.2}}
+    straight = Simulation(make_config(run={"num_rounds": 5}, **sections), verbose=False)
+    straight_history = straight.run()
+
+    first = make_config(run={"num_rounds": 5, "stop_after": 3, "checkpoint_every": 2},
+                        **sections)
+    Simulation(first, verbose=False).run()
+    resumed_config = make_config(run={"num_rounds": 5, "resume": True,
+                                      "output_dir": first.run.output_dir}, **sections)
+    resumed = Simulation(resumed_config, verbose=False)
+    resumed_history = resumed.run()
+
+    chex.assert_trees_all_equal(resumed.server_state, straight.server_state)
+    chex.assert_trees_all_equal(resumed.client_store, straight.client_store)
+    assert [h.get("train_loss") for h in straight_history] == [
+        h.get("train_loss") for h in resumed_history]
+    assert straight_history[-1]["eval/loss"] == resumed_history[-1]["eval/loss"]
+    if algorithm == "scaffold":  # the per-client controls really were restored and used
+        assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(resumed.client_store))
+
+
+def test_resume_refuses_an_incompatible_config(make_config):
+    config = make_config(run={"num_rounds": 1})
+    Simulation(config, verbose=False).run()
+    changed = make_config(client={"lr": 0.123}, run={
+        "num_rounds": 2, "resume": True, "output_dir": config.run.output_dir})
+    with pytest.raises(ConfigError, match=r"client\.lr: 0\.02 -> 0\.123"):
+        Simulation(changed, verbose=False).run()
+    other_mode = make_config(trainable={"mode": "lora"}, run={
+        "num_rounds": 2, "resume": True, "output_dir": config.run.output_dir})
+    with pytest.raises((ConfigError, ValueError), match="trainable.mode|does not match"):
+        Simulation(other_mode, verbose=False).run()
+
+
+def test_existing_run_directory_is_never_overwritten(make_config):
+    config = make_config(run={"num_rounds": 1})
+    Simulation(config, verbose=False).run()
+    metrics = open(os.path.join(config.run.output_dir, "metrics.jsonl")).read()
+    with pytest.raises(RunDirectoryError, match="resume"):
+        Simulation(config, verbose=False).run()
+    assert open(os.path.join(config.run.output_dir, "metrics.jsonl")).read() == metrics
+
+
+def test_divergence_stops_with_round_and_last_checkpoint(make_config):
+    config = make_config(client={"lr": 1e30}, run={"num_rounds": 6, "checkpoint_every": 1})
+    with pytest.raises(DivergenceError, match=r"round \d+: training loss is (nan|inf)") as e:
+        Simulation(config, verbose=False).run()
+    assert "checkpoint" in str(e.value)
+    records = read_jsonl(os.path.join(config.run.output_dir, "metrics.jsonl"))
+    assert not np.isfinite(records[-1]["train_loss"])  # the failing round is on disk too
+
+
+def test_lora_on_a_federated_pretrained_base(make_config):
+    pretrain = make_config(run={"num_rounds": 2})
+    Simulation(pretrain, verbose=False).run()
+    finetune = make_config(trainable={"mode": "lora", "base_run": pretrain.run.output_dir},
+                           run={"num_rounds": 1})
+    sim = Simulation(finetune, verbose=False)
+    pretrained = Simulation(make_config(run={"num_rounds": 2, "resume": True,
+                                             "output_dir": pretrain.run.output_dir}),
+                            verbose=False)
+    pretrained._prepare_run_dir()
+    chex.assert_trees_all_equal(sim.frozen, pretrained.params)
+    with pytest.raises(ConfigError, match="not 'full'"):
+        lora_run = make_config(trainable={"mode": "lora"}, run={"num_rounds": 1})
+        Simulation(lora_run, verbose=False).run()
+        Simulation(make_config(trainable={"mode": "lora", "base_run": lora_run.run.output_dir}),
+                   verbose=False)
+
+
+def test_partition_statistics_are_written(make_config):
+    config = make_config(data={"partitioner": "dirichlet", "dirichlet_alpha": 0.1},
+                         run={"num_rounds": 1})
+    Simulation(config, verbose=False).run()
+    stats = json.load(open(os.path.join(config.run.output_dir, "partition.json")))
+    assert stats["num_clients"] == 8
+    assert stats["client_label_entropy_mean"] < stats["global_label_entropy"]
