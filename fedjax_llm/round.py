@@ -177,8 +177,11 @@ def make_client_update(
             new_state, metrics = algorithm.client_step(
                 broadcast, client_state, train_state, batch, key, loss_fn, hparams
             )
-            # A masked step (client out of data) leaves the state exactly as it was.
-            train_state = _tree_where(valid, new_state, train_state)
+            # A masked step (client out of data) leaves the state exactly as it was. Without
+            # local_epochs every step is real, so skip the extra pass over the state.
+            if schedule.local_epochs is not None:
+                new_state = _tree_where(valid, new_state, train_state)
+            train_state = new_state
             metrics = {name: metrics[name] * valid for name in ClientMetrics._fields[:3]}
             return train_state, metrics
 

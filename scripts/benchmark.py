@@ -12,10 +12,12 @@ compute dtype, median of timed runs). Then for every model and clients-per-round
 per chunk size given with ``--chunk`` (default one chunk of C), and (b) a Python loop calling
 one jitted `make_client_update` per client, followed by one jitted aggregation and server
 update over the stacked outputs, so both variants do the same work. Before timing, both
-variants must produce the same new global params. Each row reports the median wall time of
-``--rounds`` rounds after compilation, the compile time, client updates/s, tokens/s, model
-FLOP/s (`fedjax_llm.models.flops`) and MFU against the measured peak. The targets of the
-benchmark issue are checked and printed as PASS/FAIL lines (the exit status stays 0).
+variants must produce the same new global params. The variants then take turns round by round,
+so a change of load on a shared machine hits them alike. Each row reports the median wall time
+of ``--rounds`` rounds after compilation, the compile time, client updates/s, tokens/s, model
+FLOP/s (`fedjax_llm.models.flops`) and MFU against the measured peak (measured again at the end
+to expose an unsteady device). The targets of the benchmark issue are checked and printed as
+PASS/FAIL lines (the exit status stays 0).
 
 Data are synthetic: random token blocks with all-ones loss masks, ``4 * C`` clients of 32
 examples each. The algorithm is FedAvg with a client SGD and server ``sgd(1.0)``.
@@ -68,6 +70,7 @@ CLIENT_LR = 0.05
 # Equality of the two variants: float32 with different reduction orders (batched vs single
 # matmuls) over a few SGD steps; far above rounding noise, far below any real discrepancy.
 CHECK_RTOL, CHECK_ATOL = 1e-5, 1e-6
+PEAK_DRIFT_WARNING = 0.10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,37 +340,70 @@ def make_round_args(setup: Setup, num_clients: int, num_rounds: int, seed: int) 
 
 
 # ------------------------------------------------------------------------------ variants
-class Timing(NamedTuple):
-    """A variant's measurements."""
+@dataclasses.dataclass
+class Variant:
+    """One way of running the round, compiled, with its own copy of the state.
 
+    Attributes:
+      name: 'vmapped' or 'sequential'.
+      chunk: clients per chunk of the vmapped round (None for the loop).
+      compile_s: trace + lower + XLA compile time of everything the variant runs.
+      run: ``(server_state, client_store, RoundArgs) -> (server_state, client_store,
+        RoundOutput)``.
+      state: the variant's current ``(server_state, client_store)``.
+      params: new global params of the check round, on the host.
+      train_loss: training loss of the check round.
+      check: agreement of the check round with the loop's (vmapped variants).
+      round_s: wall times of the timed rounds.
+    """
+
+    name: str
+    chunk: int | None
     compile_s: float
-    round_s: list[float]
-    params: PyTree  # new global params of the check round (round 0), on the host
-    train_loss: float
+    run: Callable
+    state: tuple = ()
+    params: PyTree = None
+    train_loss: float = float("nan")
+    check: dict | None = None
+    round_s: list[float] = dataclasses.field(default_factory=list)
+
+    def start(self, setup: Setup, args: RoundArgs) -> None:
+        """Runs the check round from (copies of) the setup's initial state."""
+        # Fresh copies: the round donates its state, and every variant must start alike.
+        state = copy_tree(setup.server_state), copy_tree(setup.client_store)
+        server_state, client_store, out = self.run(*state, args)
+        self.state = (server_state, client_store)
+        self.params = jax.device_get(setup.algorithm.server_params(server_state))
+        self.train_loss = float(out.train_loss)
+
+    def advance(self, args: RoundArgs) -> float:
+        """Runs one round to completion; returns its wall time in seconds."""
+        t0 = time.perf_counter()
+        server_state, client_store, out = self.run(*self.state, args)
+        jax.block_until_ready((server_state, client_store, out))
+        self.state = (server_state, client_store)
+        return time.perf_counter() - t0
 
 
-def time_vmapped(setup: Setup, chunk: int, round_args: list[RoundArgs], warmup: int) -> Timing:
-    """Compiles and times the real round (`make_round_fn`), jitted as `Simulation` does.
+def build_vmapped(setup: Setup, chunk: int, example: RoundArgs) -> Variant:
+    """Compiles the real round (`make_round_fn`), jitted with donation as `Simulation` does.
 
     Args:
       setup: the shared setup.
       chunk: clients per chunk.
-      round_args: per-round inputs; ``round_args[0]`` is the check round, then ``warmup``
-        untimed rounds, then the timed ones.
-      warmup: untimed rounds after the check round.
+      example: round inputs to compile for.
 
     Returns:
-      The `Timing`.
+      The `Variant`.
     """
     round_fn = make_round_fn(
         setup.algorithm, setup.apply_fn, setup.schedule,
         num_clients_total=setup.num_clients_total, clients_per_chunk=chunk, pad_id=PAD_ID,
     )
-    first = round_args[0]
     t0 = time.perf_counter()
     compiled = jax.jit(round_fn, donate_argnums=(1, 2)).lower(
-        setup.frozen, setup.server_state, setup.client_store, setup.data, first.client_ids,
-        first.round_key, first.hparams,
+        setup.frozen, setup.server_state, setup.client_store, setup.data, example.client_ids,
+        example.round_key, example.hparams,
     ).compile()
     compile_s = time.perf_counter() - t0
 
@@ -377,47 +413,27 @@ def time_vmapped(setup: Setup, chunk: int, round_args: list[RoundArgs], warmup: 
             args.round_key, args.hparams,
         )
 
-    return _time_rounds(setup, run, round_args, warmup, compile_s)
+    return Variant("vmapped", chunk, compile_s, run)
 
 
-def make_sequential_round(
-    algorithm: Algorithm,
-    apply_fn: Callable,
-    schedule: LocalSchedule,
-    num_clients_total: int,
-    num_clients: int,
-    example_args: tuple,
-) -> tuple[Callable, Callable, Callable, float]:
-    """Builds the loop variant: one jitted client update, one jitted aggregation + server.
+def make_finish(algorithm: Algorithm, num_clients_total: int) -> Callable:
+    """The loop variant's tail: aggregation, server update, client-state scatter, metrics.
 
-    The aggregation mirrors the tail of `make_round_fn` (weighted sums, server update, scatter
-    of client states, summed metrics), so both variants compute the same round.
+    It mirrors the tail of `make_round_fn` (weighted sums, server update, scatter of client
+    states, summed metrics), so both variants compute the same round.
 
     Args:
       algorithm: the algorithm.
-      apply_fn: the model.
-      schedule: local-training shape.
       num_clients_total: population size.
-      num_clients: clients per round C (the aggregation is compiled for C outputs).
-      example_args: ``(frozen, server_state, client_store, data, client_id, round_key,
-        hparams)`` to compile with.
 
     Returns:
-      ``(broadcast, client, finish, compile_s)``: the broadcast (eager: a field access for
-      FedAvg), the compiled client update ``(frozen, broadcast, client_store, data, client_id,
-      round_key, hparams) -> result``, the compiled ``finish(server_state, client_store,
-      client_ids, results) -> (server_state, client_store, RoundOutput)`` and the total compile
-      time of both.
+      ``finish(server_state, client_store, client_ids, results) -> (server_state,
+      client_store, RoundOutput)``, where ``results`` is the list of the C client updates'
+      outputs, pure and ready for `jax.jit`.
     """
-    client_update = make_client_update(algorithm, apply_fn, schedule, PAD_ID)
-
-    def one_client(frozen, broadcast, client_store, data, client_id, round_key, hparams):
-        client_state = jax.tree.map(lambda s: s[client_id], client_store)
-        return client_update(frozen, broadcast, client_state, data, client_id, round_key, hparams)
 
     def finish(server_state, client_store, client_ids, results):
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
-        outputs, new_states, weights, metrics = stacked
+        outputs, new_states, weights, metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
         like = jax.tree.map(lambda x: x[0], outputs)
         sums = weighted_sum_update(weighted_sum_init(like), outputs, weights)
         mean_output = weighted_sum_finalize(sums, like)
@@ -435,44 +451,42 @@ def make_sequential_round(
         )
         return server_state, client_store, output
 
-    frozen, server_state, client_store, data, client_ids, round_key, hparams = example_args
-    broadcast = algorithm.broadcast
-    t0 = time.perf_counter()
-    example_broadcast = broadcast(server_state)
-    client = jax.jit(one_client).lower(
-        frozen, example_broadcast, client_store, data, client_ids[0], round_key, hparams
-    ).compile()
-    result_shape = jax.eval_shape(
-        one_client, frozen, example_broadcast, client_store, data, client_ids[0], round_key,
-        hparams,
-    )
-    finished = jax.jit(finish, donate_argnums=(0, 1)).lower(
-        server_state, client_store, client_ids, [result_shape] * num_clients
-    ).compile()
-    return broadcast, client, finished, time.perf_counter() - t0
+    return finish
 
 
-def time_sequential(setup: Setup, round_args: list[RoundArgs], warmup: int) -> Timing:
-    """Compiles and times the loop variant (see `make_sequential_round`).
+def build_sequential(setup: Setup, example: RoundArgs) -> Variant:
+    """Compiles the loop variant: one jitted client update, one jitted aggregation + server.
 
     Args:
       setup: the shared setup.
-      round_args: per-round inputs (as for `time_vmapped`).
-      warmup: untimed rounds after the check round.
+      example: round inputs to compile for.
 
     Returns:
-      The `Timing`.
+      The `Variant`; its round calls the compiled client update once per client.
     """
-    first = round_args[0]
-    num_clients = len(first.client_id_list)
-    broadcast_fn, client, finish, compile_s = make_sequential_round(
-        setup.algorithm, setup.apply_fn, setup.schedule, setup.num_clients_total, num_clients,
-        (setup.frozen, setup.server_state, setup.client_store, setup.data, first.client_ids,
-         first.round_key, first.hparams),
-    )
+    algorithm = setup.algorithm
+    client_update = make_client_update(algorithm, setup.apply_fn, setup.schedule, PAD_ID)
+
+    def one_client(frozen, broadcast, client_store, data, client_id, round_key, hparams):
+        client_state = jax.tree.map(lambda s: s[client_id], client_store)
+        return client_update(frozen, broadcast, client_state, data, client_id, round_key, hparams)
+
+    num_clients = len(example.client_id_list)
+    t0 = time.perf_counter()
+    broadcast = algorithm.broadcast(setup.server_state)
+    client_args = (setup.frozen, broadcast, setup.client_store, setup.data,
+                   example.client_id_list[0], example.round_key, example.hparams)
+    client = jax.jit(one_client).lower(*client_args).compile()
+    result_shape = jax.eval_shape(one_client, *client_args)
+    finish = jax.jit(make_finish(algorithm, setup.num_clients_total), donate_argnums=(0, 1))
+    finish = finish.lower(
+        setup.server_state, setup.client_store, example.client_ids, [result_shape] * num_clients
+    ).compile()
+    compile_s = time.perf_counter() - t0
 
     def run(server_state, client_store, args: RoundArgs):
-        broadcast = broadcast_fn(server_state)
+        # Eager: for FedAvg the broadcast is a field access, nothing to compile.
+        broadcast = algorithm.broadcast(server_state)
         # The loop the vmapped round replaces: one compiled client update per client.
         results = [
             client(setup.frozen, broadcast, client_store, setup.data, client_id,
@@ -481,72 +495,94 @@ def time_sequential(setup: Setup, round_args: list[RoundArgs], warmup: int) -> T
         ]
         return finish(server_state, client_store, args.client_ids, results)
 
-    return _time_rounds(setup, run, round_args, warmup, compile_s)
+    return Variant("sequential", None, compile_s, run)
 
 
-def _time_rounds(
-    setup: Setup, run: Callable, round_args: list[RoundArgs], warmup: int, compile_s: float
-) -> Timing:
-    # Every variant starts from copies of the same state, so the check round is comparable.
-    server_state, client_store = copy_tree(setup.server_state), copy_tree(setup.client_store)
-    server_state, client_store, out = run(server_state, client_store, round_args[0])
-    params = jax.device_get(setup.algorithm.server_params(server_state))
-    train_loss = float(out.train_loss)
+def time_variants(variants: Sequence[Variant], round_args: Sequence[RoundArgs], warmup: int):
+    """Runs ``warmup`` untimed rounds, then times the remaining rounds of every variant.
+
+    The variants take turns round by round (in alternating order), so a change in the
+    machine's load during the run affects all of them alike.
+
+    Args:
+      variants: started variants (their check round, ``round_args[0]``, is done).
+      round_args: per-round inputs; rounds ``1..warmup`` are untimed.
+      warmup: untimed rounds.
+    """
     for args in round_args[1 : 1 + warmup]:
-        server_state, client_store, out = run(server_state, client_store, args)
-    jax.block_until_ready((server_state, client_store, out))
-    times = []
-    for args in round_args[1 + warmup :]:
-        t0 = time.perf_counter()
-        server_state, client_store, out = run(server_state, client_store, args)
-        jax.block_until_ready((server_state, client_store, out))
-        times.append(time.perf_counter() - t0)
-    return Timing(compile_s, times, params, train_loss)
+        for variant in variants:
+            variant.advance(args)
+    for i, args in enumerate(round_args[1 + warmup :]):
+        for variant in variants if i % 2 == 0 else variants[::-1]:
+            variant.round_s.append(variant.advance(args))
 
 
-def compare_params(got: PyTree, want: PyTree) -> dict:
-    """Whether two params pytrees agree (``np.allclose`` with CHECK_RTOL / CHECK_ATOL)."""
-    pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
-    max_diff = max(float(np.max(np.abs(np.asarray(g) - np.asarray(w)))) for g, w in pairs)
-    close = all(
-        np.allclose(np.asarray(g), np.asarray(w), rtol=CHECK_RTOL, atol=CHECK_ATOL)
-        for g, w in pairs
+def compare_params(got: PyTree, want: PyTree, before: PyTree) -> dict:
+    """Whether two variants' new global params agree.
+
+    Args:
+      got: one variant's new params.
+      want: the reference variant's new params.
+      before: the params both started from.
+
+    Returns:
+      ``allclose`` (``np.allclose`` with CHECK_RTOL / CHECK_ATOL on every leaf),
+      ``max_abs_diff``, ``max_update`` (the reference's largest change of a parameter this
+      round, the scale ``max_abs_diff`` should be judged against) and the tolerances.
+    """
+    got, want, before = (
+        [np.asarray(x, np.float32) for x in jax.tree.leaves(t)] for t in (got, want, before)
     )
-    return {"allclose": bool(close), "max_abs_diff": max_diff, "rtol": CHECK_RTOL,
-            "atol": CHECK_ATOL}
+    max_diff = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want, strict=True))
+    max_update = max(float(np.max(np.abs(w - b))) for w, b in zip(want, before, strict=True))
+    close = all(
+        np.allclose(g, w, rtol=CHECK_RTOL, atol=CHECK_ATOL) for g, w in zip(got, want, strict=True)
+    )
+    return {"allclose": bool(close), "max_abs_diff": max_diff, "max_update": max_update,
+            "rtol": CHECK_RTOL, "atol": CHECK_ATOL}
 
 
 # ------------------------------------------------------------------------------ rows
-def make_row(
-    setup: Setup, num_clients: int, variant: str, chunk: int | None, timing: Timing, peak: dict
-) -> dict:
-    """One result row from a variant's timing."""
-    round_s = statistics.median(timing.round_s)
+def make_row(setup: Setup, num_clients: int, variant: Variant, peak: dict) -> dict:
+    """One result row from a timed variant."""
+    round_s = statistics.median(variant.round_s)
     tokens = tokens_per_round(setup, num_clients)
     model_flops = tokens * setup.flops_per_token / round_s
-    return {
+    row = {
         "model": setup.spec.name,
         "mode": setup.mode,
         "clients": num_clients,
-        "variant": variant,
-        "chunk": chunk,
-        "compile_s": timing.compile_s,
+        "variant": variant.name,
+        "chunk": variant.chunk,
+        "compile_s": variant.compile_s,
         "round_s": round_s,
-        "round_s_all": timing.round_s,
+        "round_s_all": variant.round_s,
         "client_updates_per_s": num_clients / round_s,
         "tokens_per_round": tokens,
         "tokens_per_s": tokens / round_s,
         "model_gflops": model_flops / 1e9,
         "mfu": model_flops / (peak["gflops"] * 1e9),
-        "train_loss": timing.train_loss,
+        "train_loss": variant.train_loss,
     }
+    if variant.check is not None:
+        row["check"] = variant.check
+    return row
 
 
 def benchmark_model_clients(
     spec: ModelSpec, num_clients: int, chunks: Sequence[int] | None, args: argparse.Namespace,
     peak: dict, log: Callable[[str], None],
 ) -> tuple[dict, list[dict], list[str]]:
-    """Benchmarks one (model, C): the loop, then the vmapped round for every chunk size.
+    """Benchmarks one (model, C): the loop and the vmapped round for every chunk size.
+
+    Args:
+      spec: the model.
+      num_clients: clients per round C.
+      chunks: chunk sizes of the vmapped round (None: one chunk of C); those that do not
+        divide C are skipped.
+      args: the parsed command line (mode, rounds, warmup, ...).
+      peak: the measured matmul peak (for MFU).
+      log: where progress lines go.
 
     Returns:
       ``(model_info, rows, skipped)``: the model's description, the result rows and messages
@@ -567,33 +603,40 @@ def benchmark_model_clients(
         "train_flops_per_token": setup.flops_per_token,
     }
     round_args = make_round_args(setup, num_clients, 1 + args.warmup + args.rounds, args.seed)
-    rows, skipped = [], []
+    first = round_args[0]
+    variants, skipped = [], []
     reference = None
     if not args.no_sequential:
-        log(f"{spec.name} C={num_clients}: loop of one jitted client update per client")
-        timing = time_sequential(setup, round_args, args.warmup)
-        reference = timing
-        row = make_row(setup, num_clients, "sequential", None, timing, peak)
-        rows.append(row)
-    valid = []
+        log(f"{spec.name} C={num_clients}: compiling the loop of one jitted client update")
+        reference = build_sequential(setup, first)
+        reference.start(setup, first)
+        variants.append(reference)
+    before = jax.device_get(setup.algorithm.server_params(setup.server_state))
     for chunk in chunks or [num_clients]:
         if chunk <= 0 or chunk > num_clients or num_clients % chunk:
             skipped.append(f"{spec.name} C={num_clients}: chunk {chunk} does not divide C")
-        else:
-            valid.append(chunk)
-    for chunk in valid:
-        log(f"{spec.name} C={num_clients}: vmapped round, chunk {chunk}")
-        timing = time_vmapped(setup, chunk, round_args, args.warmup)
-        row = make_row(setup, num_clients, "vmapped", chunk, timing, peak)
+            continue
+        log(f"{spec.name} C={num_clients}: compiling the vmapped round, chunk {chunk}")
+        variant = build_vmapped(setup, chunk, first)
+        variant.start(setup, first)
         if reference is not None:
-            row["check"] = compare_params(timing.params, reference.params)
-            row["check"]["train_loss_diff"] = abs(timing.train_loss - reference.train_loss)
+            # Checked before any timing: a fast round that computes something else is no result.
+            check = compare_params(variant.params, reference.params, before)
+            check["train_loss_diff"] = abs(variant.train_loss - reference.train_loss)
+            variant.check = check
+            log(f"  check vs loop: new global params "
+                f"{'equal' if check['allclose'] else 'DIFFERENT'} (max |diff| "
+                f"{check['max_abs_diff']:.2e}, largest update {check['max_update']:.2e}, "
+                f"train loss diff {check['train_loss_diff']:.2e})")
+        variants.append(variant)
+    log(f"{spec.name} C={num_clients}: timing {args.rounds} rounds of {len(variants)} variant(s)")
+    time_variants(variants, round_args, args.warmup)
+    rows = [make_row(setup, num_clients, variant, peak) for variant in variants]
+    if reference is not None:
+        for row in rows[1:]:
             row["vmapped_over_sequential"] = row["round_s"] / rows[0]["round_s"]
-            status = "equal" if row["check"]["allclose"] else "DIFFERENT"
-            log(f"  check vs loop: new global params {status} "
-                f"(max |diff| {row['check']['max_abs_diff']:.2e})")
-        rows.append(row)
     return info, rows, skipped
+
 
 
 # ------------------------------------------------------------------------------ targets
@@ -605,35 +648,24 @@ def check_targets(rows: list[dict]) -> list[dict]:
     chunk.
     """
 
-    def best_vmapped(model: str, clients: int | None = None) -> dict[int, dict]:
-        best: dict[int, dict] = {}
-        for row in rows:
-            if row["variant"] != "vmapped" or row["model"] != model or row["mode"] != "lora":
-                continue
-            if clients is not None and row["clients"] != clients:
-                continue
-            if row["clients"] not in best or row["round_s"] < best[row["clients"]]["round_s"]:
-                best[row["clients"]] = row
-        return best
+    def best_vmapped(model: str, mode: str, clients: int) -> dict | None:
+        candidates = [r for r in rows if r["variant"] == "vmapped" and r["model"] == model
+                      and r["mode"] == mode and r["clients"] == clients]
+        return min(candidates, key=lambda r: r["round_s"], default=None)
 
     targets = []
     for model, clients, minimum in (("lora-4m", 32, 0.50), ("tiny", 256, 0.30)):
         name = f"MFU >= {minimum:.0%} on {model} (LoRA) at C={clients}"
-        found = best_vmapped(model, clients).get(clients)
+        found = best_vmapped(model, "lora", clients)
         if found is None:
             targets.append({"target": name, "status": "SKIP", "detail": "not measured"})
         else:
             status = "PASS" if found["mfu"] >= minimum else "FAIL"
             targets.append({"target": name, "status": status,
                             "detail": f"{found['mfu']:.1%} (chunk {found['chunk']})"})
-    ratios = []
-    for row in rows:
-        if row["variant"] != "vmapped" or "vmapped_over_sequential" not in row:
-            continue
-        same = [r for r in rows if r["variant"] == "vmapped" and r["model"] == row["model"]
-                and r["mode"] == row["mode"] and r["clients"] == row["clients"]]
-        if row is min(same, key=lambda r: r["round_s"]):
-            ratios.append(row)
+    groups = {(r["model"], r["mode"], r["clients"]) for r in rows if r["variant"] == "vmapped"}
+    best = (best_vmapped(*group) for group in sorted(groups))
+    ratios = [row for row in best if "vmapped_over_sequential" in row]
     name = "vmapped never more than 10% slower than sequential (best chunk)"
     if not ratios:
         targets.append({"target": name, "status": "SKIP", "detail": "no sequential rows"})
@@ -667,8 +699,15 @@ def format_results(results: dict) -> str:
         f"{dev['cpu_usable']}/{dev['cpu_count']} CPU cores usable); load average at start "
         f"{results['load_average_start']}, at end {results['load_average_end']}",
         f"matmul peak: {peak['gflops']:.1f} GFLOP/s median (best {peak['best_gflops']:.1f}) "
-        f"of {peak['repeats']} products of {peak['size']}x{peak['size']} {peak['dtype']}",
+        f"of {peak['repeats']} products of {peak['size']}x{peak['size']} {peak['dtype']}; "
+        f"{results['peak_end']['gflops']:.1f} when measured again at the end",
     ]
+    if abs(results["peak_drift"]) > PEAK_DRIFT_WARNING:
+        lines.append(
+            f"WARNING: the matmul peak changed by {results['peak_drift']:+.0%} during the run; "
+            "the device's speed was not steady (a shared or throttled machine), so MFU and "
+            "the vmapped/loop ratios are unreliable."
+        )
     for name, info in results["models"].items():
         lines.append(
             f"{name}: {info['params']:,} params, {info['trainable_params']:,} trainable "
@@ -733,6 +772,10 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
             models[name] = info
             rows.extend(model_rows)
             skipped.extend(model_skipped)
+    # Measured again at the end: if the device's speed changed during the run (other jobs on a
+    # shared machine, thermal limits), MFU against the first measurement is not trustworthy.
+    log("measuring the matmul peak again")
+    peak_end = measure_matmul_peak(size, args.dtype, args.peak_repeats)
     return {
         "schema_version": SCHEMA_VERSION,
         "command": sys.argv,
@@ -741,6 +784,8 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         "load_average_start": load_start,
         "load_average_end": load_average(),
         "peak": peak,
+        "peak_end": peak_end,
+        "peak_drift": peak_end["gflops"] / peak["gflops"] - 1.0,
         "settings": {
             "mode": args.mode,
             "lora_rank": args.lora_rank,

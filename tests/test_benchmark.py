@@ -40,7 +40,8 @@ def test_quick_run_writes_consistent_json(tmp_path):
     assert "new global params equal" in proc.stdout
     results = json.loads(out.read_text())
 
-    for key in ("schema_version", "device", "peak", "settings", "models", "rows", "targets"):
+    for key in ("schema_version", "device", "peak", "peak_end", "peak_drift", "settings", "models",
+                "rows", "targets"):
         assert key in results
     assert results["quick"] is True
     assert results["device"]["device_kind"] and results["device"]["cpu_count"] >= 1
