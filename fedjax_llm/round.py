@@ -277,22 +277,53 @@ def make_round_fn(
         )
         unchunk = functools.partial(jax.tree.map, lambda x: x.reshape((-1,) + x.shape[2:]))
         new_states, weights, metrics = unchunk(new_states), unchunk(weights), unchunk(metrics)
-        mean_output = weighted_sum_finalize(sums, output_like)
-        info = RoundInfo(jnp.sum(weights > 0), num_clients_total)
-        server_state = algorithm.server_update(server_state, mean_output, info)
-        client_store = jax.tree.map(
-            lambda store, new: store.at[client_ids].set(new), client_store, new_states
-        )
-        totals = jax.tree.map(jnp.sum, metrics)
-        output = RoundOutput(
-            train_loss=totals.loss_sum / jnp.maximum(totals.target_tokens, 1.0),
-            client_loss=metrics.loss_sum / jnp.maximum(metrics.target_tokens, 1.0),
-            weights=weights,
-            metrics=totals,
-        )
-        return server_state, client_store, output
+        return finish_round(algorithm, num_clients_total, server_state, client_store,
+                            client_ids, weighted_sum_finalize(sums, output_like), new_states,
+                            weights, metrics)
 
     return round_fn
+
+
+def finish_round(
+    algorithm: Algorithm,
+    num_clients_total: int,
+    server_state: PyTree,
+    client_store: PyTree,
+    client_ids: jax.Array,
+    mean_output: PyTree,
+    new_states: PyTree,
+    weights: jax.Array,
+    metrics: ClientMetrics,
+) -> tuple[PyTree, PyTree, RoundOutput]:
+    """The tail of a round: server update, scatter of client states, summed metrics.
+
+    Args:
+      algorithm: the algorithm.
+      num_clients_total: population size.
+      server_state: the server state before the update.
+      client_store: the per-client state store ``[M, ...]``.
+      client_ids: ``[C]`` the sampled clients.
+      mean_output: the weighted mean `ClientOutput`.
+      new_states: ``[C, ...]`` the sampled clients' new states.
+      weights: ``[C]`` aggregation weights.
+      metrics: per-client `ClientMetrics` ``[C]``.
+
+    Returns:
+      The new server state, the new store and the `RoundOutput`.
+    """
+    info = RoundInfo(jnp.sum(weights > 0), num_clients_total)
+    server_state = algorithm.server_update(server_state, mean_output, info)
+    client_store = jax.tree.map(
+        lambda store, new: store.at[client_ids].set(new), client_store, new_states
+    )
+    totals = jax.tree.map(jnp.sum, metrics)
+    output = RoundOutput(
+        train_loss=totals.loss_sum / jnp.maximum(totals.target_tokens, 1.0),
+        client_loss=metrics.loss_sum / jnp.maximum(metrics.target_tokens, 1.0),
+        weights=weights,
+        metrics=totals,
+    )
+    return server_state, client_store, output
 
 
 def round_hparams(client_lr: float) -> HyperParams:

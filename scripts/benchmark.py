@@ -43,14 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_llm.algorithms import Algorithm, RoundInfo, make_fedavg
+from fedjax_llm.algorithms import Algorithm, make_fedavg
 from fedjax_llm.models.flops import train_flops_per_token
 from fedjax_llm.models.llama import LlamaConfig, count_params, init_params
 from fedjax_llm.models.trainable import TRAINABLE_MODES, make_trainable
 from fedjax_llm.round import (
     ClientData,
     LocalSchedule,
-    RoundOutput,
+    finish_round,
     make_client_update,
     make_round_fn,
     round_hparams,
@@ -419,8 +419,8 @@ def build_vmapped(setup: Setup, chunk: int, example: RoundArgs) -> Variant:
 def make_finish(algorithm: Algorithm, num_clients_total: int) -> Callable:
     """The loop variant's tail: aggregation, server update, client-state scatter, metrics.
 
-    It mirrors the tail of `make_round_fn` (weighted sums, server update, scatter of client
-    states, summed metrics), so both variants compute the same round.
+    It ends with `finish_round`, the same tail as `make_round_fn`, so both variants compute
+    the same round.
 
     Args:
       algorithm: the algorithm.
@@ -436,20 +436,9 @@ def make_finish(algorithm: Algorithm, num_clients_total: int) -> Callable:
         outputs, new_states, weights, metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
         like = jax.tree.map(lambda x: x[0], outputs)
         sums = weighted_sum_update(weighted_sum_init(like), outputs, weights)
-        mean_output = weighted_sum_finalize(sums, like)
-        info = RoundInfo(jnp.sum(weights > 0), num_clients_total)
-        server_state = algorithm.server_update(server_state, mean_output, info)
-        client_store = jax.tree.map(
-            lambda store, new: store.at[client_ids].set(new), client_store, new_states
-        )
-        totals = jax.tree.map(jnp.sum, metrics)
-        output = RoundOutput(
-            train_loss=totals.loss_sum / jnp.maximum(totals.target_tokens, 1.0),
-            client_loss=metrics.loss_sum / jnp.maximum(metrics.target_tokens, 1.0),
-            weights=weights,
-            metrics=totals,
-        )
-        return server_state, client_store, output
+        return finish_round(algorithm, num_clients_total, server_state, client_store,
+                            client_ids, weighted_sum_finalize(sums, like), new_states, weights,
+                            metrics)
 
     return finish
 
