@@ -57,6 +57,19 @@ def test_config_defaults_validate():
     assert LlamaConfig(head_dim=8).resolved_head_dim == 8
 
 
+def test_scan_unroll_default_and_outputs_unchanged():
+    assert TINY.resolved_scan_unroll == 2
+    deep = dataclasses.replace(TINY, num_layers=llama.UNROLL_LAYERS_UP_TO + 1)
+    assert deep.resolved_scan_unroll == 1
+    assert dataclasses.replace(deep, scan_unroll=3).resolved_scan_unroll == 3
+    params = _perturb_ones_and_zeros(llama.init_params(deep, jax.random.key(0)), jax.random.key(1))
+    tokens = _tokens(jax.random.key(2), (2, 7), 37)
+    rolled = apply_jit(deep, params, tokens)
+    for unroll in (2, deep.num_layers):
+        unrolled = apply_jit(dataclasses.replace(deep, scan_unroll=unroll), params, tokens)
+        chex.assert_trees_all_close(unrolled, rolled, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "changes, match",
     [
@@ -67,6 +80,7 @@ def test_config_defaults_validate():
         ({"vocab_size": -1}, "vocab_size"),
         ({"head_dim": 7}, "even"),
         ({"rope_theta": 0.0}, "rope_theta"),
+        ({"scan_unroll": 0}, "scan_unroll"),
     ],
 )
 def test_config_validate_errors(changes, match):
