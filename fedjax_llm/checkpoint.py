@@ -106,7 +106,8 @@ class Checkpointer:
         missing = sorted(set(flat_like) - set(restored))
         extra = sorted(set(restored) - set(flat_like))
         wrong = sorted(
-            k for k in set(flat_like) & set(restored)
+            k
+            for k in set(flat_like) & set(restored)
             if tuple(np.shape(restored[k])) != tuple(np.shape(flat_like[k]))
         )
         if missing or extra or wrong:
@@ -125,9 +126,7 @@ class Checkpointer:
         """Restores a checkpoint as a flat ``{key path: array}`` dict, without a template."""
         out = self._manager.restore(
             round_num,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
-            ),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
         )
         return dict(out.state), out.meta
 

@@ -234,10 +234,22 @@ class ExperimentConfig:
         Raises:
           ConfigError: naming the key, the value and how to fix it.
         """
-        _positive(self, "client.lr", "client.local_steps", "client.batch_size",
-                  "server.lr", "run.num_rounds", "run.num_clients_per_round",
-                  "data.num_clients", "data.examples_per_client", "data.seq_len",
-                  "eval.batch_size", "run.keep_checkpoints", "run.log_every", "eval.every")
+        _positive(
+            self,
+            "client.lr",
+            "client.local_steps",
+            "client.batch_size",
+            "server.lr",
+            "run.num_rounds",
+            "run.num_clients_per_round",
+            "data.num_clients",
+            "data.examples_per_client",
+            "data.seq_len",
+            "eval.batch_size",
+            "run.keep_checkpoints",
+            "run.log_every",
+            "eval.every",
+        )
         if self.trainable.mode == "lora":
             _positive(self, "trainable.lora_rank", "trainable.lora_alpha")
             from fedjax_llm.models.lora import LORA_TARGETS

@@ -42,8 +42,12 @@ def make_eval_step(apply_fn: Callable, max_new_tokens: int, eos_id: int, pad_id:
         # Room to generate past the padded length without clipping the answer.
         prompts = jnp.pad(prompts, ((0, 0), (0, max_new_tokens)), constant_values=pad_id)
         generated = greedy_decode(
-            lambda t: apply_fn(frozen, params, t), prompts, prompt_len, max_new_tokens,
-            eos_id, pad_id,
+            lambda t: apply_fn(frozen, params, t),
+            prompts,
+            prompt_len,
+            max_new_tokens,
+            eos_id,
+            pad_id,
         )
         return jnp.sum(ce * mask, axis=1), jnp.sum(mask, axis=1), generated
 
@@ -70,7 +74,10 @@ def evaluate_examples(
         idx = np.arange(begin, begin + batch_size) % n  # pad by wrapping; dropped below
         valid = min(batch_size, n - begin)
         out = eval_step(
-            frozen, params, examples.tokens[idx], examples.loss_mask[idx],
+            frozen,
+            params,
+            examples.tokens[idx],
+            examples.loss_mask[idx],
             examples.prompt_len[idx],
         )
         ls, tt, generated = jax.device_get(out)

@@ -259,8 +259,13 @@ def make_round_fn(
         vmapped = jax.vmap(client_update, in_axes=(None, None, 0, None, 0, None, None))
         output_like = jax.eval_shape(
             lambda: client_update(
-                frozen, broadcast, jax.tree.map(lambda s: s[0], client_states), data,
-                client_ids[0], round_key, hparams,
+                frozen,
+                broadcast,
+                jax.tree.map(lambda s: s[0], client_states),
+                data,
+                client_ids[0],
+                round_key,
+                hparams,
             )[0]
         )
         sums = weighted_sum_init(output_like)
@@ -277,9 +282,17 @@ def make_round_fn(
         )
         unchunk = functools.partial(jax.tree.map, lambda x: x.reshape((-1,) + x.shape[2:]))
         new_states, weights, metrics = unchunk(new_states), unchunk(weights), unchunk(metrics)
-        return finish_round(algorithm, num_clients_total, server_state, client_store,
-                            client_ids, weighted_sum_finalize(sums, output_like), new_states,
-                            weights, metrics)
+        return finish_round(
+            algorithm,
+            num_clients_total,
+            server_state,
+            client_store,
+            client_ids,
+            weighted_sum_finalize(sums, output_like),
+            new_states,
+            weights,
+            metrics,
+        )
 
     return round_fn
 

@@ -94,8 +94,12 @@ class Simulation:
         init_key, trainable_key, self.train_key = jax.random.split(root, 3)
         t = config.trainable
         self.trainable: Trainable = make_trainable(
-            config.model, t.mode, lora_rank=t.lora_rank, lora_alpha=t.lora_alpha,
-            lora_targets=t.lora_targets, num_virtual_tokens=t.num_virtual_tokens,
+            config.model,
+            t.mode,
+            lora_rank=t.lora_rank,
+            lora_alpha=t.lora_alpha,
+            lora_targets=t.lora_targets,
+            num_virtual_tokens=t.num_virtual_tokens,
             prompt_init=t.prompt_init,
         )
         base = init_params(config.model, init_key)
@@ -118,19 +122,26 @@ class Simulation:
         )
         c = config.client
         self.schedule = LocalSchedule(
-            local_steps=c.local_steps, batch_size=c.batch_size,
-            max_client_examples=int(train.client_count.max()), local_epochs=c.local_epochs,
+            local_steps=c.local_steps,
+            batch_size=c.batch_size,
+            max_client_examples=int(train.client_count.max()),
+            local_epochs=c.local_epochs,
         )
         round_fn = make_round_fn(
-            self.algorithm, self.trainable.apply, self.schedule,
-            num_clients_total=d.num_clients, clients_per_chunk=config.run.clients_per_chunk,
+            self.algorithm,
+            self.trainable.apply,
+            self.schedule,
+            num_clients_total=d.num_clients,
+            clients_per_chunk=config.run.clients_per_chunk,
             pad_id=self.tokenizer.pad_id,
             uniform_weighting=config.algorithm.weighting == "uniform",
         )
         # Donating the server state and the client store lets XLA update them in place.
         self.round_fn = jax.jit(round_fn, donate_argnums=(1, 2))
         self.eval_step = make_eval_step(
-            self.trainable.apply, config.eval.max_new_tokens, self.tokenizer.eos_id,
+            self.trainable.apply,
+            config.eval.max_new_tokens,
+            self.tokenizer.eos_id,
             self.tokenizer.pad_id,
         )
         self.history: list[dict] = []
@@ -221,8 +232,9 @@ class Simulation:
     # ----------------------------------------------------------------------------- loop
     def _round_args(self, round_num: int) -> tuple:
         run = self.config.run
-        ids = sample_clients(run.seed, round_num, self.config.data.num_clients,
-                             run.num_clients_per_round)
+        ids = sample_clients(
+            run.seed, round_num, self.config.data.num_clients, run.num_clients_per_round
+        )
         lr = client_learning_rate(self.config.client, round_num, run.num_rounds)
         round_key = jax.random.fold_in(self.train_key, round_num)
         return ids, round_key, round_hparams(lr), lr
@@ -232,8 +244,13 @@ class Simulation:
         ids, round_key, hparams, _ = self._round_args(self.start_round)
         t0 = time.perf_counter()
         self._compiled = self.round_fn.lower(
-            self.frozen, self.server_state, self.client_store, self.client_data,
-            jnp.asarray(ids), round_key, hparams,
+            self.frozen,
+            self.server_state,
+            self.client_store,
+            self.client_data,
+            jnp.asarray(ids),
+            round_key,
+            hparams,
         ).compile()
         self.compile_time_s = time.perf_counter() - t0
         return self.compile_time_s
@@ -279,8 +296,13 @@ class Simulation:
                     ids, round_key, hparams, lr = self._round_args(r)
                     t0 = time.perf_counter()
                     self.server_state, self.client_store, out = self._compiled(
-                        self.frozen, self.server_state, self.client_store, self.client_data,
-                        jnp.asarray(ids), round_key, hparams,
+                        self.frozen,
+                        self.server_state,
+                        self.client_store,
+                        self.client_data,
+                        jnp.asarray(ids),
+                        round_key,
+                        hparams,
                     )
                     out = jax.device_get(out)
                     wall = time.perf_counter() - t0
@@ -344,7 +366,8 @@ class Simulation:
             "rounds": self.config.run.num_rounds,
             "compile_time_s": self.compile_time_s,
             "median_round_time_s": float(np.median([h["round_time_s"] for h in rounds]))
-            if rounds else None,
+            if rounds
+            else None,
             "before": evals[0] if evals else {},
             "after": evals[-1] if evals else {},
         }
@@ -395,8 +418,11 @@ def load_base_params(run_dir: str, config: ExperimentConfig, like: PyTree) -> Py
         )
     saved_model = meta["config"]["model"]
     current = dataclasses.asdict(config.model)
-    diffs = [f"model.{k}: {saved_model.get(k)!r} -> {v!r}" for k, v in current.items()
-             if saved_model.get(k) != v and k != "dtype"]
+    diffs = [
+        f"model.{k}: {saved_model.get(k)!r} -> {v!r}"
+        for k, v in current.items()
+        if saved_model.get(k) != v and k != "dtype"
+    ]
     if diffs:
         raise ConfigError(f"trainable.base_run={run_dir!r} used another model: {diffs}.")
     prefix = "['server_state'].params"

@@ -98,16 +98,36 @@ MODELS: dict[str, ModelSpec] = {
     # ~3.95M params: 4 layers of 0.73M plus a tied 4096 x 256 embedding.
     "lora-4m": ModelSpec(
         "lora-4m",
-        LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=4,
-                    num_heads=8, num_kv_heads=4, max_seq_len=64),
-        seq_len=64, local_steps=4, batch_size=4, clients=(8, 32, 128),
+        LlamaConfig(
+            vocab_size=4096,
+            hidden_size=256,
+            intermediate_size=688,
+            num_layers=4,
+            num_heads=8,
+            num_kv_heads=4,
+            max_seq_len=64,
+        ),
+        seq_len=64,
+        local_steps=4,
+        batch_size=4,
+        clients=(8, 32, 128),
     ),
     # ~109k params: the library's default tiny Llama with the byte vocabulary.
     "tiny": ModelSpec(
         "tiny",
-        LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=176, num_layers=2,
-                    num_heads=4, num_kv_heads=2, max_seq_len=32),
-        seq_len=32, local_steps=2, batch_size=2, clients=(8, 32, 128, 256),
+        LlamaConfig(
+            vocab_size=259,
+            hidden_size=64,
+            intermediate_size=176,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            max_seq_len=32,
+        ),
+        seq_len=32,
+        local_steps=2,
+        batch_size=2,
+        clients=(8, 32, 128, 256),
     ),
 }
 QUICK_CLIENTS = (2, 4)
@@ -263,7 +283,10 @@ def build_setup(
     config = dataclasses.replace(spec.config, dtype=dtype)
     targets = ("q", "v")
     trainable = make_trainable(
-        config, mode, lora_rank=lora_rank, lora_targets=targets,
+        config,
+        mode,
+        lora_rank=lora_rank,
+        lora_targets=targets,
         num_virtual_tokens=num_virtual_tokens,
     )
     init_key, trainable_key = jax.random.split(jax.random.key(seed))
@@ -274,11 +297,10 @@ def build_setup(
     )
     num_total = POPULATION_PER_SAMPLED * num_clients_per_round
     one_state = algorithm.client_state_init(params)
-    client_store = jax.tree.map(
-        lambda x: jnp.zeros((num_total,) + x.shape, x.dtype) + x, one_state
-    )
+    client_store = jax.tree.map(lambda x: jnp.zeros((num_total,) + x.shape, x.dtype) + x, one_state)
     schedule = LocalSchedule(
-        local_steps=spec.local_steps, batch_size=spec.batch_size,
+        local_steps=spec.local_steps,
+        batch_size=spec.batch_size,
         max_client_examples=EXAMPLES_PER_CLIENT,
     )
     virtual = num_virtual_tokens if mode in ("soft_prompt", "prefix") else 0
@@ -330,12 +352,14 @@ def make_round_args(setup: Setup, num_clients: int, num_rounds: int, seed: int) 
     args = []
     for r in range(num_rounds):
         ids = sample_clients(seed, r, setup.num_clients_total, num_clients)
-        args.append(RoundArgs(
-            client_ids=jnp.asarray(ids),
-            client_id_list=[jnp.asarray(i) for i in ids],
-            round_key=jax.random.fold_in(root, r),
-            hparams=round_hparams(CLIENT_LR),
-        ))
+        args.append(
+            RoundArgs(
+                client_ids=jnp.asarray(ids),
+                client_id_list=[jnp.asarray(i) for i in ids],
+                round_key=jax.random.fold_in(root, r),
+                hparams=round_hparams(CLIENT_LR),
+            )
+        )
     return args
 
 
@@ -397,20 +421,38 @@ def build_vmapped(setup: Setup, chunk: int, example: RoundArgs) -> Variant:
       The `Variant`.
     """
     round_fn = make_round_fn(
-        setup.algorithm, setup.apply_fn, setup.schedule,
-        num_clients_total=setup.num_clients_total, clients_per_chunk=chunk, pad_id=PAD_ID,
+        setup.algorithm,
+        setup.apply_fn,
+        setup.schedule,
+        num_clients_total=setup.num_clients_total,
+        clients_per_chunk=chunk,
+        pad_id=PAD_ID,
     )
     t0 = time.perf_counter()
-    compiled = jax.jit(round_fn, donate_argnums=(1, 2)).lower(
-        setup.frozen, setup.server_state, setup.client_store, setup.data, example.client_ids,
-        example.round_key, example.hparams,
-    ).compile()
+    compiled = (
+        jax.jit(round_fn, donate_argnums=(1, 2))
+        .lower(
+            setup.frozen,
+            setup.server_state,
+            setup.client_store,
+            setup.data,
+            example.client_ids,
+            example.round_key,
+            example.hparams,
+        )
+        .compile()
+    )
     compile_s = time.perf_counter() - t0
 
     def run(server_state, client_store, args: RoundArgs):
         return compiled(
-            setup.frozen, server_state, client_store, setup.data, args.client_ids,
-            args.round_key, args.hparams,
+            setup.frozen,
+            server_state,
+            client_store,
+            setup.data,
+            args.client_ids,
+            args.round_key,
+            args.hparams,
         )
 
     return Variant("vmapped", chunk, compile_s, run)
@@ -436,9 +478,17 @@ def make_finish(algorithm: Algorithm, num_clients_total: int) -> Callable:
         outputs, new_states, weights, metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
         like = jax.tree.map(lambda x: x[0], outputs)
         sums = weighted_sum_update(weighted_sum_init(like), outputs, weights)
-        return finish_round(algorithm, num_clients_total, server_state, client_store,
-                            client_ids, weighted_sum_finalize(sums, like), new_states, weights,
-                            metrics)
+        return finish_round(
+            algorithm,
+            num_clients_total,
+            server_state,
+            client_store,
+            client_ids,
+            weighted_sum_finalize(sums, like),
+            new_states,
+            weights,
+            metrics,
+        )
 
     return finish
 
@@ -463,8 +513,15 @@ def build_sequential(setup: Setup, example: RoundArgs) -> Variant:
     num_clients = len(example.client_id_list)
     t0 = time.perf_counter()
     broadcast = algorithm.broadcast(setup.server_state)
-    client_args = (setup.frozen, broadcast, setup.client_store, setup.data,
-                   example.client_id_list[0], example.round_key, example.hparams)
+    client_args = (
+        setup.frozen,
+        broadcast,
+        setup.client_store,
+        setup.data,
+        example.client_id_list[0],
+        example.round_key,
+        example.hparams,
+    )
     client = jax.jit(one_client).lower(*client_args).compile()
     result_shape = jax.eval_shape(one_client, *client_args)
     finish = jax.jit(make_finish(algorithm, setup.num_clients_total), donate_argnums=(0, 1))
@@ -478,8 +535,15 @@ def build_sequential(setup: Setup, example: RoundArgs) -> Variant:
         broadcast = algorithm.broadcast(server_state)
         # The loop the vmapped round replaces: one compiled client update per client.
         results = [
-            client(setup.frozen, broadcast, client_store, setup.data, client_id,
-                   args.round_key, args.hparams)
+            client(
+                setup.frozen,
+                broadcast,
+                client_store,
+                setup.data,
+                client_id,
+                args.round_key,
+                args.hparams,
+            )
             for client_id in args.client_id_list
         ]
         return finish(server_state, client_store, args.client_ids, results)
@@ -527,8 +591,13 @@ def compare_params(got: PyTree, want: PyTree, before: PyTree) -> dict:
     close = all(
         np.allclose(g, w, rtol=CHECK_RTOL, atol=CHECK_ATOL) for g, w in zip(got, want, strict=True)
     )
-    return {"allclose": bool(close), "max_abs_diff": max_diff, "max_update": max_update,
-            "rtol": CHECK_RTOL, "atol": CHECK_ATOL}
+    return {
+        "allclose": bool(close),
+        "max_abs_diff": max_diff,
+        "max_update": max_update,
+        "rtol": CHECK_RTOL,
+        "atol": CHECK_ATOL,
+    }
 
 
 # ------------------------------------------------------------------------------ rows
@@ -559,8 +628,12 @@ def make_row(setup: Setup, num_clients: int, variant: Variant, peak: dict) -> di
 
 
 def benchmark_model_clients(
-    spec: ModelSpec, num_clients: int, chunks: Sequence[int] | None, args: argparse.Namespace,
-    peak: dict, log: Callable[[str], None],
+    spec: ModelSpec,
+    num_clients: int,
+    chunks: Sequence[int] | None,
+    args: argparse.Namespace,
+    peak: dict,
+    log: Callable[[str], None],
 ) -> tuple[dict, list[dict], list[str]]:
     """Benchmarks one (model, C): the loop and the vmapped round for every chunk size.
 
@@ -578,7 +651,12 @@ def benchmark_model_clients(
       for chunk sizes that do not divide C.
     """
     setup = build_setup(
-        spec, num_clients, args.mode, args.lora_rank, args.num_virtual_tokens, args.dtype,
+        spec,
+        num_clients,
+        args.mode,
+        args.lora_rank,
+        args.num_virtual_tokens,
+        args.dtype,
         args.seed,
     )
     info = {
@@ -613,10 +691,12 @@ def benchmark_model_clients(
             check = compare_params(variant.params, reference.params, before)
             check["train_loss_diff"] = abs(variant.train_loss - reference.train_loss)
             variant.check = check
-            log(f"  check vs loop: new global params "
+            log(
+                f"  check vs loop: new global params "
                 f"{'equal' if check['allclose'] else 'DIFFERENT'} (max |diff| "
                 f"{check['max_abs_diff']:.2e}, largest update {check['max_update']:.2e}, "
-                f"train loss diff {check['train_loss_diff']:.2e})")
+                f"train loss diff {check['train_loss_diff']:.2e})"
+            )
         variants.append(variant)
     log(f"{spec.name} C={num_clients}: timing {args.rounds} rounds of {len(variants)} variant(s)")
     time_variants(variants, round_args, args.warmup)
@@ -625,7 +705,6 @@ def benchmark_model_clients(
         for row in rows[1:]:
             row["vmapped_over_sequential"] = row["round_s"] / rows[0]["round_s"]
     return info, rows, skipped
-
 
 
 # ------------------------------------------------------------------------------ targets
@@ -638,8 +717,14 @@ def check_targets(rows: list[dict]) -> list[dict]:
     """
 
     def best_vmapped(model: str, mode: str, clients: int) -> dict | None:
-        candidates = [r for r in rows if r["variant"] == "vmapped" and r["model"] == model
-                      and r["mode"] == mode and r["clients"] == clients]
+        candidates = [
+            r
+            for r in rows
+            if r["variant"] == "vmapped"
+            and r["model"] == model
+            and r["mode"] == mode
+            and r["clients"] == clients
+        ]
         return min(candidates, key=lambda r: r["round_s"], default=None)
 
     targets = []
@@ -650,8 +735,13 @@ def check_targets(rows: list[dict]) -> list[dict]:
             targets.append({"target": name, "status": "SKIP", "detail": "not measured"})
         else:
             status = "PASS" if found["mfu"] >= minimum else "FAIL"
-            targets.append({"target": name, "status": status,
-                            "detail": f"{found['mfu']:.1%} (chunk {found['chunk']})"})
+            targets.append(
+                {
+                    "target": name,
+                    "status": status,
+                    "detail": f"{found['mfu']:.1%} (chunk {found['chunk']})",
+                }
+            )
     groups = {(r["model"], r["mode"], r["clients"]) for r in rows if r["variant"] == "vmapped"}
     best = (best_vmapped(*group) for group in sorted(groups))
     ratios = [row for row in best if "vmapped_over_sequential" in row]
@@ -661,9 +751,16 @@ def check_targets(rows: list[dict]) -> list[dict]:
     else:
         worst = max(ratios, key=lambda r: r["vmapped_over_sequential"])
         status = "PASS" if worst["vmapped_over_sequential"] <= 1.10 else "FAIL"
-        targets.append({"target": name, "status": status, "detail": (
-            f"worst {worst['vmapped_over_sequential']:.2f}x at {worst['model']} "
-            f"C={worst['clients']} chunk {worst['chunk']}")})
+        targets.append(
+            {
+                "target": name,
+                "status": status,
+                "detail": (
+                    f"worst {worst['vmapped_over_sequential']:.2f}x at {worst['model']} "
+                    f"C={worst['clients']} chunk {worst['chunk']}"
+                ),
+            }
+        )
     return targets
 
 
@@ -704,19 +801,41 @@ def format_results(results: dict) -> str:
             f"{info['seq_len']} tokens; {info['train_flops_per_token'] / 1e6:.3f} MFLOP per "
             "training token"
         )
-    header = ("model", "variant", "chunk", "C", "compile s", "round s", "clients/s", "tokens/s",
-              "GFLOP/s", "MFU", "vmap/loop", "check")
+    header = (
+        "model",
+        "variant",
+        "chunk",
+        "C",
+        "compile s",
+        "round s",
+        "clients/s",
+        "tokens/s",
+        "GFLOP/s",
+        "MFU",
+        "vmap/loop",
+        "check",
+    )
     body = []
     for row in results["rows"]:
         check = row.get("check")
-        body.append((
-            row["model"], row["variant"], "-" if row["chunk"] is None else str(row["chunk"]),
-            str(row["clients"]), f"{row['compile_s']:.2f}", f"{row['round_s']:.4f}",
-            f"{row['client_updates_per_s']:.1f}", f"{row['tokens_per_s']:,.0f}",
-            f"{row['model_gflops']:.2f}", f"{row['mfu']:.1%}",
-            f"{row['vmapped_over_sequential']:.2f}" if "vmapped_over_sequential" in row else "-",
-            "-" if check is None else ("equal" if check["allclose"] else "DIFFERENT"),
-        ))
+        body.append(
+            (
+                row["model"],
+                row["variant"],
+                "-" if row["chunk"] is None else str(row["chunk"]),
+                str(row["clients"]),
+                f"{row['compile_s']:.2f}",
+                f"{row['round_s']:.4f}",
+                f"{row['client_updates_per_s']:.1f}",
+                f"{row['tokens_per_s']:,.0f}",
+                f"{row['model_gflops']:.2f}",
+                f"{row['mfu']:.1%}",
+                f"{row['vmapped_over_sequential']:.2f}"
+                if "vmapped_over_sequential" in row
+                else "-",
+                "-" if check is None else ("equal" if check["allclose"] else "DIFFERENT"),
+            )
+        )
     lines += [
         f"\nfederated round ({settings['mode']}, {settings['dtype']}): median of "
         f"{settings['rounds']} timed rounds after compilation",
@@ -800,33 +919,71 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None,
-                        help="models to run (default: lora-4m tiny; tiny with --quick)")
-    parser.add_argument("--clients", nargs="+", type=int, default=None,
-                        help="clients per round C (default: each model's own list)")
-    parser.add_argument("--chunk", nargs="+", type=int, default=None,
-                        help="clients per chunk of the vmapped round, swept (default: C)")
-    parser.add_argument("--mode", choices=TRAINABLE_MODES, default="lora",
-                        help="what clients train (default lora, r=--lora-rank on q, v)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=sorted(MODELS),
+        default=None,
+        help="models to run (default: lora-4m tiny; tiny with --quick)",
+    )
+    parser.add_argument(
+        "--clients",
+        nargs="+",
+        type=int,
+        default=None,
+        help="clients per round C (default: each model's own list)",
+    )
+    parser.add_argument(
+        "--chunk",
+        nargs="+",
+        type=int,
+        default=None,
+        help="clients per chunk of the vmapped round, swept (default: C)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=TRAINABLE_MODES,
+        default="lora",
+        help="what clients train (default lora, r=--lora-rank on q, v)",
+    )
     parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--num-virtual-tokens", type=int, default=8,
-                        help="soft prompt / prefix length for those modes")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="compute dtype of the model and of the peak matmul")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="timed rounds per row, median reported (default 5; 2 with --quick)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed rounds after the (untimed) check round")
-    parser.add_argument("--peak-size", type=int, default=None,
-                        help="side of the peak matmul (default by backend)")
+    parser.add_argument(
+        "--num-virtual-tokens",
+        type=int,
+        default=8,
+        help="soft prompt / prefix length for those modes",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype of the model and of the peak matmul",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="timed rounds per row, median reported (default 5; 2 with --quick)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed rounds after the (untimed) check round"
+    )
+    parser.add_argument(
+        "--peak-size", type=int, default=None, help="side of the peak matmul (default by backend)"
+    )
     parser.add_argument("--peak-repeats", type=int, default=10)
-    parser.add_argument("--no-sequential", action="store_true",
-                        help="skip the loop variant (and so the equality check and ratio)")
+    parser.add_argument(
+        "--no-sequential",
+        action="store_true",
+        help="skip the loop variant (and so the equality check and ratio)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: tiny model, C in {2, 4}, 2 timed rounds")
-    parser.add_argument("--out", default=None,
-                        help="JSON results path (default benchmarks/<backend>[_quick].json)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: tiny model, C in {2, 4}, 2 timed rounds"
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON results path (default benchmarks/<backend>[_quick].json)"
+    )
     args = parser.parse_args(argv)
     if args.models is None:
         args.models = ["tiny"] if args.quick else ["lora-4m", "tiny"]

@@ -30,15 +30,31 @@ def tiny_config(output_dir: str, **sections) -> ExperimentConfig:
     Keyword arguments replace fields of a section, e.g. ``client={"lr": 0.5}``.
     """
     config = ExperimentConfig(
-        model=LlamaConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
-                          num_kv_heads=2, max_seq_len=32),
+        model=LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=1,
+            num_heads=4,
+            num_kv_heads=2,
+            max_seq_len=32,
+        ),
         trainable=TrainableConfig(mode="full"),
-        data=DataConfig(task_families=("copy", "max", "add"), num_clients=8,
-                        examples_per_client=12, seq_len=32, eval_examples_per_family=8),
+        data=DataConfig(
+            task_families=("copy", "max", "add"),
+            num_clients=8,
+            examples_per_client=12,
+            seq_len=32,
+            eval_examples_per_family=8,
+        ),
         client=ClientConfig(optimizer="adamw", lr=0.02, local_steps=2, batch_size=4),
         algorithm=AlgorithmConfig(name="fedavg"),
-        run=RunConfig(num_rounds=3, num_clients_per_round=4, output_dir=output_dir,
-                      checkpoint_every=0, keep_checkpoints=3),
+        run=RunConfig(
+            num_rounds=3,
+            num_clients_per_round=4,
+            output_dir=output_dir,
+            checkpoint_every=0,
+            keep_checkpoints=3,
+        ),
         eval=EvalConfig(every=100, max_new_tokens=4, batch_size=64),
     )
     replaced = {

@@ -34,14 +34,25 @@ def test_quick_run_writes_consistent_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "new global params equal" in proc.stdout
     results = json.loads(out.read_text())
 
-    for key in ("schema_version", "device", "peak", "peak_end", "peak_drift", "settings", "models",
-                "rows", "targets"):
+    for key in (
+        "schema_version",
+        "device",
+        "peak",
+        "peak_end",
+        "peak_drift",
+        "settings",
+        "models",
+        "rows",
+        "targets",
+    ):
         assert key in results
     assert results["quick"] is True
     assert results["device"]["device_kind"] and results["device"]["cpu_count"] >= 1
@@ -55,8 +66,14 @@ def test_quick_run_writes_consistent_json(tmp_path):
     }
     for row in rows:
         assert len(row["round_s_all"]) == 2
-        for key in ("compile_s", "round_s", "client_updates_per_s", "tokens_per_s",
-                    "model_gflops", "mfu"):
+        for key in (
+            "compile_s",
+            "round_s",
+            "client_updates_per_s",
+            "tokens_per_s",
+            "model_gflops",
+            "mfu",
+        ):
             assert row[key] > 0, (key, row)
         assert row["tokens_per_s"] == pytest.approx(row["tokens_per_round"] / row["round_s"])
         if row["variant"] == "vmapped":
@@ -70,8 +87,15 @@ def test_quick_run_writes_consistent_json(tmp_path):
 
 
 def _row(model, clients, variant, chunk, round_s, mfu, ratio=None):
-    row = {"model": model, "mode": "lora", "clients": clients, "variant": variant,
-           "chunk": chunk, "round_s": round_s, "mfu": mfu}
+    row = {
+        "model": model,
+        "mode": "lora",
+        "clients": clients,
+        "variant": variant,
+        "chunk": chunk,
+        "round_s": round_s,
+        "mfu": mfu,
+    }
     if ratio is not None:
         row["vmapped_over_sequential"] = ratio
     return row

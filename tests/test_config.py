@@ -21,8 +21,19 @@ def test_every_shipped_config_loads(path):
 
 
 def test_overrides_apply_to_nested_keys():
-    config = load_config(None, ["--client.lr", "3e-4", "--trainable.mode", "lora",
-                                "--trainable.lora_targets", "[q,k,v]", "--run.num_rounds", "7"])
+    config = load_config(
+        None,
+        [
+            "--client.lr",
+            "3e-4",
+            "--trainable.mode",
+            "lora",
+            "--trainable.lora_targets",
+            "[q,k,v]",
+            "--run.num_rounds",
+            "7",
+        ],
+    )
     assert config.client.lr == 3e-4
     assert config.trainable.lora_targets == ("q", "k", "v")
     assert config.run.num_rounds == 7
@@ -38,8 +49,10 @@ def test_overrides_apply_to_nested_keys():
         (["--client.lr", "-1"], "client.lr"),
         (["--trainable.mode", "lora", "--trainable.lora_rank", "0"], "trainable.lora_rank"),
         (["--trainable.mode", "lora", "--trainable.lora_targets", "[q,qq]"], "lora_targets"),
-        (["--run.num_clients_per_round", "100", "--data.num_clients", "10"],
-         "num_clients_per_round=100 exceeds data.num_clients=10"),
+        (
+            ["--run.num_clients_per_round", "100", "--data.num_clients", "10"],
+            "num_clients_per_round=100 exceeds data.num_clients=10",
+        ),
         (["--run.clients_per_chunk", "5"], "clients_per_chunk"),
         (["--data.task_families", "[add,poetry]"], "poetry"),
         (["--model.hidden_size", "30"], "model"),

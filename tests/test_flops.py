@@ -92,8 +92,14 @@ def test_prefix_by_hand():
 
 
 def test_orderings_on_a_deeper_model():
-    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
-                         num_kv_heads=4, vocab_size=4096)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        vocab_size=4096,
+    )
     full = train_flops_per_token(config, 64, "full")
     lora = train_flops_per_token(config, 64, "lora")
     prefix = train_flops_per_token(config, 64, "prefix", num_virtual_tokens=8)
@@ -131,8 +137,15 @@ def test_close_to_xla_cost_analysis_of_one_layer(mode):
 
     from fedjax_llm.models.trainable import make_trainable
 
-    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=1,
-                         num_heads=8, num_kv_heads=4, max_seq_len=64)
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=688,
+        num_layers=1,
+        num_heads=8,
+        num_kv_heads=4,
+        max_seq_len=64,
+    )
     batch, seq_len = 4, 64
     trainable = make_trainable(config, mode, num_virtual_tokens=8)
     base = init_params(config, jax.random.key(0))

@@ -26,7 +26,8 @@ def test_transformers_tokenizers_import_beside_our_kernels():
         "from transformers import AutoTokenizer, PreTrainedTokenizerFast, LlamaConfig\n"
         "print(kernels.__file__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd="/", timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(ROOT)

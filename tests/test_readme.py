@@ -25,9 +25,12 @@ def test_custom_algorithm_example_runs(tmp_path, monkeypatch):
     block = next(b for b in _python_blocks() if "make_clipped_fedavg" in b)
     monkeypatch.chdir(ROOT)
     # Keep the example's own code; only shrink the run and send output to a temp directory.
-    block = block.replace('"--run.num_rounds", "3"', '"--run.num_rounds", "1", '
-                          '"--data.num_clients", "16", "--run.num_clients_per_round", "4", '
-                          '"--eval.per_client", "false"')
+    block = block.replace(
+        '"--run.num_rounds", "3"',
+        '"--run.num_rounds", "1", '
+        '"--data.num_clients", "16", "--run.num_clients_per_round", "4", '
+        '"--eval.per_client", "false"',
+    )
     block = block.replace('"runs/clipped"', repr(str(tmp_path / "clipped")))
     namespace = {}
     try:
@@ -47,6 +50,13 @@ def _check_example(namespace):
     sim = fedjax_llm.Simulation(config, algorithm=algorithm, verbose=False)
     update = jax.jit(make_client_update(algorithm, sim.trainable.apply, sim.schedule, 0))
     hparams = fedjax_llm.round.round_hparams(1.0)  # a large step so clipping must act
-    out = update(sim.frozen, algorithm.broadcast(sim.server_state), (), sim.client_data,
-                 np.int32(0), jax.random.key(0), hparams)[0]
+    out = update(
+        sim.frozen,
+        algorithm.broadcast(sim.server_state),
+        (),
+        sim.client_data,
+        np.int32(0),
+        jax.random.key(0),
+        hparams,
+    )[0]
     assert 0.0 < float(optax.tree.norm(out.delta)) <= 0.5 + 1e-5

@@ -32,8 +32,15 @@ def test_each_mode_trains_and_writes_the_run_directory(make_config, trainable, c
     before, after = history[0], history[-1]
     assert before["round"] == 0 and after["round"] == 4
     assert after["eval/loss"] < before["eval/loss"]
-    for key in ("client/loss_mean", "client/loss_worst10", "eval/exact_match/copy",
-                "bytes_up", "bytes_down", "tokens_per_s", "client_updates_per_s"):
+    for key in (
+        "client/loss_mean",
+        "client/loss_worst10",
+        "eval/exact_match/copy",
+        "bytes_up",
+        "bytes_down",
+        "tokens_per_s",
+        "client_updates_per_s",
+    ):
         assert key in after
     assert after["client/loss_worst10"] >= after["client/loss_mean"]
     run_dir = config.run.output_dir
@@ -44,8 +51,9 @@ def test_each_mode_trains_and_writes_the_run_directory(make_config, trainable, c
 
 
 def test_bytes_sent_match_the_trainable_size(make_config):
-    config = make_config(trainable={"mode": "lora", "lora_rank": 2, "lora_targets": ("q",)},
-                         run={"num_rounds": 1})
+    config = make_config(
+        trainable={"mode": "lora", "lora_rank": 2, "lora_targets": ("q",)}, run={"num_rounds": 1}
+    )
     sim = Simulation(config, verbose=False)
     lora_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(sim.params))
     record = sim.run()[-1]
@@ -55,24 +63,27 @@ def test_bytes_sent_match_the_trainable_size(make_config):
 
 @pytest.mark.parametrize("algorithm", ["scaffold", "fedadam"])
 def test_resume_is_bit_for_bit(make_config, algorithm):
-    sections = {"algorithm": {"name": algorithm}, "server": {"lr": 0.01 if algorithm ==
-                                                              "fedadam" else 1.0},
-                "client": {"schedule": "cosine", "optimizer": "momentum", "lr": 0.2}}
+    sections = {
+        "algorithm": {"name": algorithm},
+        "server": {"lr": 0.01 if algorithm == "fedadam" else 1.0},
+        "client": {"schedule": "cosine", "optimizer": "momentum", "lr": 0.2},
+    }
     straight = Simulation(make_config(run={"num_rounds": 5}, **sections), verbose=False)
     straight_history = straight.run()
 
-    first = make_config(run={"num_rounds": 5, "stop_after": 3, "checkpoint_every": 2},
-                        **sections)
+    first = make_config(run={"num_rounds": 5, "stop_after": 3, "checkpoint_every": 2}, **sections)
     Simulation(first, verbose=False).run()
-    resumed_config = make_config(run={"num_rounds": 5, "resume": True,
-                                      "output_dir": first.run.output_dir}, **sections)
+    resumed_config = make_config(
+        run={"num_rounds": 5, "resume": True, "output_dir": first.run.output_dir}, **sections
+    )
     resumed = Simulation(resumed_config, verbose=False)
     resumed_history = resumed.run()
 
     chex.assert_trees_all_equal(resumed.server_state, straight.server_state)
     chex.assert_trees_all_equal(resumed.client_store, straight.client_store)
     assert [h.get("train_loss") for h in straight_history] == [
-        h.get("train_loss") for h in resumed_history]
+        h.get("train_loss") for h in resumed_history
+    ]
     assert straight_history[-1]["eval/loss"] == resumed_history[-1]["eval/loss"]
     if algorithm == "scaffold":  # the per-client controls really were restored and used
         assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(resumed.client_store))
@@ -81,12 +92,16 @@ def test_resume_is_bit_for_bit(make_config, algorithm):
 def test_resume_refuses_an_incompatible_config(make_config):
     config = make_config(run={"num_rounds": 1})
     Simulation(config, verbose=False).run()
-    changed = make_config(client={"lr": 0.123}, run={
-        "num_rounds": 2, "resume": True, "output_dir": config.run.output_dir})
+    changed = make_config(
+        client={"lr": 0.123},
+        run={"num_rounds": 2, "resume": True, "output_dir": config.run.output_dir},
+    )
     with pytest.raises(ConfigError, match=r"client\.lr: 0\.02 -> 0\.123"):
         Simulation(changed, verbose=False).run()
-    other_mode = make_config(trainable={"mode": "lora"}, run={
-        "num_rounds": 2, "resume": True, "output_dir": config.run.output_dir})
+    other_mode = make_config(
+        trainable={"mode": "lora"},
+        run={"num_rounds": 2, "resume": True, "output_dir": config.run.output_dir},
+    )
     with pytest.raises((ConfigError, ValueError), match="trainable.mode|does not match"):
         Simulation(other_mode, verbose=False).run()
 
@@ -112,24 +127,29 @@ def test_divergence_stops_with_round_and_last_checkpoint(make_config):
 def test_lora_on_a_federated_pretrained_base(make_config):
     pretrain = make_config(run={"num_rounds": 2})
     Simulation(pretrain, verbose=False).run()
-    finetune = make_config(trainable={"mode": "lora", "base_run": pretrain.run.output_dir},
-                           run={"num_rounds": 1})
+    finetune = make_config(
+        trainable={"mode": "lora", "base_run": pretrain.run.output_dir}, run={"num_rounds": 1}
+    )
     sim = Simulation(finetune, verbose=False)
-    pretrained = Simulation(make_config(run={"num_rounds": 2, "resume": True,
-                                             "output_dir": pretrain.run.output_dir}),
-                            verbose=False)
+    pretrained = Simulation(
+        make_config(run={"num_rounds": 2, "resume": True, "output_dir": pretrain.run.output_dir}),
+        verbose=False,
+    )
     pretrained._prepare_run_dir()
     chex.assert_trees_all_equal(sim.frozen, pretrained.params)
     with pytest.raises(ConfigError, match="not 'full'"):
         lora_run = make_config(trainable={"mode": "lora"}, run={"num_rounds": 1})
         Simulation(lora_run, verbose=False).run()
-        Simulation(make_config(trainable={"mode": "lora", "base_run": lora_run.run.output_dir}),
-                   verbose=False)
+        Simulation(
+            make_config(trainable={"mode": "lora", "base_run": lora_run.run.output_dir}),
+            verbose=False,
+        )
 
 
 def test_partition_statistics_are_written(make_config):
-    config = make_config(data={"partitioner": "dirichlet", "dirichlet_alpha": 0.1},
-                         run={"num_rounds": 1})
+    config = make_config(
+        data={"partitioner": "dirichlet", "dirichlet_alpha": 0.1}, run={"num_rounds": 1}
+    )
     Simulation(config, verbose=False).run()
     stats = json.load(open(os.path.join(config.run.output_dir, "partition.json")))
     assert stats["num_clients"] == 8

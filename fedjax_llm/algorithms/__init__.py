@@ -66,7 +66,8 @@ def build_algorithm(config: ExperimentConfig) -> Algorithm:
             f"{implied!r}, or use algorithm.name=fedavg with the server optimizer you want."
         )
     return builder(
-        make_client_optimizer(config.client), make_server_optimizer(config.server, server_name),
+        make_client_optimizer(config.client),
+        make_server_optimizer(config.server, server_name),
         config,
     )
 

@@ -78,7 +78,10 @@ def make_scaffold(
         inv = 1.0 / (steps * hparams.client_lr)
         new_control = jax.tree.map(
             lambda ci, c, x, y: ci - c + (x - y) * inv,
-            client_state, broadcast.control, broadcast.params, state.params,
+            client_state,
+            broadcast.control,
+            broadcast.params,
+            state.params,
         )
         # A client that took no step keeps its control unchanged.
         new_control = jax.tree.map(
