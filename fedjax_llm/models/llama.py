@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# Rotary frequency schemes, named as in Hugging Face configs' `rope_scaling.rope_type`.
+ROPE_TYPES = ("default", "linear", "llama3")
 # Models with at most this many layers have their scan over layers fully unrolled by default.
 UNROLL_LAYERS_UP_TO = 4
 
@@ -47,6 +49,14 @@ class LlamaConfig:
       num_kv_heads: Number of key/value heads KV (grouped-query attention when KV < H).
       head_dim: Per-head width; None means hidden_size // num_heads.
       rope_theta: Base of the rotary embedding frequencies.
+      rope_type: Frequency scheme, one of ROPE_TYPES: 'default' (plain RoPE), 'linear' (position
+        interpolation: frequencies divided by `rope_factor`) or 'llama3' (Llama 3.1's
+        wavelength-dependent scaling with `rope_factor`, `rope_low_freq_factor`,
+        `rope_high_freq_factor` and `rope_original_max_position`).
+      rope_factor: Scaling factor of 'linear' and 'llama3'.
+      rope_low_freq_factor: 'llama3' only.
+      rope_high_freq_factor: 'llama3' only.
+      rope_original_max_position: 'llama3' only: the context length the model was pre-trained at.
       rms_norm_eps: Epsilon inside the RMSNorm square root.
       tie_embeddings: If True the output projection is the transposed input embedding.
       attention_bias: If True q/k/v projections have biases (Qwen2).
@@ -68,6 +78,11 @@ class LlamaConfig:
     num_kv_heads: int = 2
     head_dim: int | None = None
     rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = True
     attention_bias: bool = False
@@ -131,6 +146,23 @@ class LlamaConfig:
                 f"LlamaConfig.scan_unroll must be a positive integer or None, got "
                 f"{self.scan_unroll!r}."
             )
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"LlamaConfig.rope_type {self.rope_type!r} is not supported; choose one of "
+                f"{ROPE_TYPES}."
+            )
+        if self.rope_type != "default" and self.rope_factor <= 0:
+            raise ValueError(f"LlamaConfig.rope_factor must be positive, got {self.rope_factor}.")
+        if self.rope_type == "llama3" and not (
+            0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+            and self.rope_original_max_position > 0
+        ):
+            raise ValueError(
+                "LlamaConfig llama3 rope scaling needs 0 < rope_low_freq_factor < "
+                "rope_high_freq_factor and a positive rope_original_max_position; got "
+                f"{self.rope_low_freq_factor}, {self.rope_high_freq_factor}, "
+                f"{self.rope_original_max_position}."
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"LlamaConfig.num_heads ({self.num_heads}) must be divisible by num_kv_heads "
@@ -159,8 +191,37 @@ class LlamaConfig:
 # Rotary embeddings.
 
 
+def rotary_inv_freq(head_dim: int, theta: float, config: LlamaConfig | None = None) -> jax.Array:
+    """Rotary frequencies, with the rope scaling of `config` applied (as Hugging Face computes it).
+
+    Args:
+      head_dim: Even per-head width hd.
+      theta: Frequency base.
+      config: Supplies `rope_type` and its parameters; None means plain RoPE.
+
+    Returns:
+      float32 [hd / 2] inverse frequencies.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if config is None or config.rope_type == "default":
+        return inv_freq
+    factor = config.rope_factor
+    if config.rope_type == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths are interpolated by `factor`, short ones kept, and the band between
+    # the two cut-offs blended smoothly (Llama 3.1 model card / HF `_compute_llama3_parameters`).
+    old_len = config.rope_original_max_position
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
 def rotary_cos_sin(
-    positions: jax.Array, head_dim: int, theta: float
+    positions: jax.Array, head_dim: int, theta: float, config: LlamaConfig | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Cosine and sine tables of rotary embeddings in the Hugging Face layout.
 
@@ -168,12 +229,13 @@ def rotary_cos_sin(
       positions: Integer positions, shape [..., T].
       head_dim: Even per-head width hd.
       theta: Frequency base.
+      config: Supplies the rope scaling (see `rotary_inv_freq`); None means plain RoPE.
 
     Returns:
       (cos, sin), each float32 of shape [..., T, hd]; the hd/2 frequencies are repeated as
       [f_0..f_{hd/2-1}, f_0..f_{hd/2-1}] to match `rotate_half`.
     """
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv_freq = rotary_inv_freq(head_dim, theta, config)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
@@ -435,7 +497,7 @@ class Llama(nn.Module):
             key_valid = jnp.concatenate([jnp.ones((batch, num_prompt), bool), key_valid], axis=1)
 
         total = num_prompt + length
-        cos, sin = rotary_cos_sin(jnp.arange(total), cfg.resolved_head_dim, cfg.rope_theta)
+        cos, sin = rotary_cos_sin(jnp.arange(total), cfg.resolved_head_dim, cfg.rope_theta, cfg)
         causal = jnp.tril(jnp.ones((total, total), dtype=bool))
         mask = causal[None] & key_valid[:, None, :]  # [B, T_q, T_k]
         if prefix is not None:
