@@ -188,7 +188,9 @@ def hf_to_llama_config(
     try:
         config.validate()
     except ValueError as err:
-        raise ModelLoadError(f"config.json describes a model this loader cannot build: {err}") from None
+        raise ModelLoadError(
+            f"config.json describes a model this loader cannot build: {err}"
+        ) from None
     return config
 
 
