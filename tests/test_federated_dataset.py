@@ -204,3 +204,21 @@ def test_build_task_data_minimal_clients():
 def test_build_task_data_bad_arguments(overrides, match):
     with pytest.raises(ValueError, match=match):
         _build(**overrides)
+
+
+class _NoBosTokenizer(ByteTokenizer):
+    """Like Qwen2: no bos token."""
+
+    @property
+    def bos_id(self):
+        return None
+
+
+def test_tokenize_without_bos():
+    tok = _NoBosTokenizer()
+    tx = tokenize_examples([Example("37+45=", "82", 0)], tok, 16, ["add"])
+    assert tx.prompt_len[0] == 6
+    np.testing.assert_array_equal(tx.tokens[0, :9], tok.encode("37+45=82", add_eos=True))
+    np.testing.assert_array_equal(np.flatnonzero(tx.loss_mask[0]), [6, 7, 8])
+    with pytest.raises(ValueError, match="empty prompt.*no bos"):
+        tokenize_examples([Example("", "82", 0)], tok, 16, ["add"])

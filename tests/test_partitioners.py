@@ -2,6 +2,7 @@
 
 import json
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from fedjax_llm.data import (
     PARTITIONERS,
     format_partition_stats,
+    natural_clients,
     partition,
     partition_stats,
 )
@@ -36,7 +38,7 @@ def _client_label_counts(assignment, labels, num_labels):
 
 
 def test_registry():
-    assert set(PARTITIONERS) == set(KWARGS)
+    assert set(PARTITIONERS) == set(KWARGS) | {"natural"}
 
 
 @pytest.mark.parametrize("name", sorted(KWARGS))
@@ -188,3 +190,81 @@ def test_partition_stats_by_hand():
     assert stats["global_label_histogram"] == {"a": 3, "b": 2, "c": 1}
     text = format_partition_stats(stats)
     assert "3 clients" in text and "a 3, b 2, c 1" in text and len(text.splitlines()) >= 4
+
+
+# ----------------------------------------------------------------------------------------------
+# natural: one client per distinct value of a column.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_natural_one_client_per_value():
+    groups = np.array([5, 2, 5, 9, 2, 2, 9, 5])
+    assignment = partition("natural", groups, None, 0)
+    # Clients in ascending group order, indices ascending within a client.
+    assert [a.tolist() for a in assignment] == [[1, 4, 5], [0, 2, 7], [3, 6]]
+    result = natural_clients(groups)
+    np.testing.assert_array_equal(result.groups, [2, 5, 9])
+    assert result.dropped_groups.size == 0 and result.num_dropped_examples == 0
+
+
+def test_natural_drops_small_groups_and_reports_them():
+    groups = np.array([0, 0, 1, 2, 2, 2, 3, 4, 4])
+    result = natural_clients(groups, min_examples=2)
+    np.testing.assert_array_equal(result.groups, [0, 2, 4])
+    np.testing.assert_array_equal(result.dropped_groups, [1, 3])
+    np.testing.assert_array_equal(result.dropped_counts, [1, 1])
+    assert result.num_dropped_examples == 2
+    assert [a.tolist() for a in result.assignment] == [[0, 1], [3, 4, 5], [7, 8]]
+    with pytest.warns(UserWarning, match=r"left out 2 groups.*2 examples.*\[1, 3\]"):
+        assignment = partition("natural", groups, None, 0)
+    assert len(assignment) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing dropped: no warning
+        partition("natural", groups, None, 0, min_examples=1)
+
+
+def test_natural_nothing_left_is_an_error():
+    with pytest.raises(ValueError, match=r"none of the 3 groups has min_examples=2.*largest has 1"):
+        natural_clients(np.array([0, 1, 2]))
+
+
+def test_natural_subset_deterministic_by_seed():
+    groups = np.repeat(np.arange(50), 3)
+    a = natural_clients(groups, num_clients=10, seed=3)
+    b = natural_clients(groups, num_clients=10, seed=3)
+    c = natural_clients(groups, num_clients=10, seed=4)
+    np.testing.assert_array_equal(a.groups, b.groups)
+    assert not np.array_equal(a.groups, c.groups)
+    assert len(a.assignment) == 10 and a.unselected_groups.size == 40
+    assert np.all(np.diff(a.groups) > 0)
+    for g, idx in zip(a.groups, a.assignment, strict=True):
+        np.testing.assert_array_equal(groups[idx], g)
+    with pytest.raises(ValueError, match="num_clients=51 but only 50 groups"):
+        natural_clients(groups, num_clients=51)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"groups": np.array([0.5, 1.5])}, "integer"),
+        ({"groups": np.zeros((2, 2), int)}, "1-D"),
+        ({"num_clients": 0}, "num_clients"),
+        ({"min_examples": 0}, "min_examples"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_natural_bad_arguments(kwargs, match):
+    kwargs = {"groups": np.array([0, 0, 1, 1]), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        natural_clients(**kwargs)
+
+
+def test_natural_speed_100k_examples_10k_clients():
+    groups = np.random.default_rng(0).permutation(np.arange(100_000) % 10_000)
+    natural_clients(groups[:1000])  # warm up
+    start = time.perf_counter()
+    result = natural_clients(groups)
+    elapsed = time.perf_counter() - start
+    assert len(result.assignment) == 10_000
+    assert sum(a.size for a in result.assignment) == 100_000
+    assert elapsed < 2.0, f"natural took {elapsed:.2f} s"

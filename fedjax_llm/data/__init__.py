@@ -1,4 +1,5 @@
-"""Data: tokenization, built-in offline tasks, partitioners and federated datasets (host numpy)."""
+"""Data: tokenization, built-in offline tasks, real datasets from files, partitioners and
+federated datasets (host numpy)."""
 
 from fedjax_llm.data.federated_dataset import (
     FederatedDataset,
@@ -8,11 +9,34 @@ from fedjax_llm.data.federated_dataset import (
     make_federated_dataset,
     tokenize_examples,
 )
+from fedjax_llm.data.file_data import build_file_data
+from fedjax_llm.data.formatting import (
+    CHATML_TEMPLATE,
+    LOSS_ON,
+    FormatReport,
+    records_to_conversations,
+    render_chat,
+    tokenize_conversations,
+    tokenize_documents,
+)
+from fedjax_llm.data.hf_tokenizer import HFTokenizer, load_tokenizer
+from fedjax_llm.data.loaders import (
+    FILE_COLUMN,
+    FORMATS,
+    SCHEMA_COLUMNS,
+    LoadedDataset,
+    load_preference_pairs,
+    load_records,
+)
+from fedjax_llm.data.partition_report import client_label_counts, save_partition_report
 from fedjax_llm.data.partitioners import (
     PARTITIONERS,
+    NaturalClients,
     dirichlet_partition,
     format_partition_stats,
     iid_partition,
+    natural_clients,
+    natural_partition,
     partition,
     partition_stats,
     pathological_partition,
@@ -30,27 +54,48 @@ from fedjax_llm.data.tasks import (
 from fedjax_llm.data.tokenizer import ByteTokenizer, Tokenizer
 
 __all__ = [
+    "CHATML_TEMPLATE",
     "DEFAULT_FAMILIES",
+    "FILE_COLUMN",
+    "FORMATS",
+    "LOSS_ON",
     "PARTITIONERS",
+    "SCHEMA_COLUMNS",
     "TASK_FAMILIES",
     "ByteTokenizer",
     "Example",
     "FederatedDataset",
+    "FormatReport",
+    "HFTokenizer",
+    "LoadedDataset",
+    "NaturalClients",
     "TaskData",
     "TaskFamily",
     "TokenizedExamples",
     "Tokenizer",
+    "build_file_data",
     "build_task_data",
+    "client_label_counts",
     "dirichlet_partition",
     "format_partition_stats",
     "generate_examples",
     "generate_examples_for_labels",
     "get_task_families",
     "iid_partition",
+    "load_preference_pairs",
+    "load_records",
+    "load_tokenizer",
     "make_federated_dataset",
+    "natural_clients",
+    "natural_partition",
     "partition",
     "partition_stats",
     "pathological_partition",
     "quantity_skew_partition",
+    "records_to_conversations",
+    "render_chat",
+    "save_partition_report",
+    "tokenize_conversations",
+    "tokenize_documents",
     "tokenize_examples",
 ]

@@ -37,12 +37,16 @@ class TokenizedExamples:
     `sum(mask[:, 1:] * nll(logits[:, :-1], tokens[:, 1:])) / sum(mask[:, 1:])`.
 
     Attributes:
-        tokens: [N, T] int32, `bos + prompt + response + eos`, right-padded with the pad id.
-        loss_mask: [N, T] float32, 1.0 at response tokens and the final eos, 0 elsewhere.
+        tokens: [N, T] int32, `bos + prompt + response + eos`, right-padded with the pad id (no bos
+            for tokenizers without one; for chat data the prompt and response are the chat
+            template's rendering, see `fedjax_llm.data.formatting`).
+        loss_mask: [N, T] float32, 1.0 at response tokens and the final eos, 0 elsewhere (at
+            every real token for packed plain text).
         prompt_len: [N] int32, number of tokens of `bos + prompt` (where generation starts).
         labels: [N] int32, task-family (or category) id.
         label_names: Name of each label id.
-        responses: Reference response text per example, for exact-match evaluation.
+        responses: Reference response text per example, for exact-match evaluation (empty for
+            plain text, where exact match means nothing).
     """
 
     tokens: np.ndarray
@@ -134,19 +138,25 @@ def tokenize_examples(
     prompt_len = np.zeros(n, dtype=np.int32)
     labels = np.zeros(n, dtype=np.int32)
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    head = [] if bos is None else [bos]  # tokenizers without bos (Qwen2) start with the prompt
     for i, ex in enumerate(examples):
         if not 0 <= ex.label < len(names):
             raise ValueError(
                 f"example {i} has label {ex.label}, outside [0, {len(names)}) of "
                 f"label_names {names}."
             )
-        prompt_ids = tokenizer.encode(ex.prompt)
+        prompt_ids = head + tokenizer.encode(ex.prompt)
+        if not prompt_ids:
+            raise ValueError(
+                f"example {i} has an empty prompt and the tokenizer has no bos token, so "
+                "generation would have no token to start from; give every example a prompt."
+            )
         response_ids = tokenizer.encode(ex.response)
-        p = 1 + len(prompt_ids)
+        p = len(prompt_ids)
         length = p + len(response_ids) + 1
         if length > seq_len:
             longest = max(
-                2 + len(tokenizer.encode(e.prompt)) + len(tokenizer.encode(e.response))
+                len(head) + 1 + len(tokenizer.encode(e.prompt)) + len(tokenizer.encode(e.response))
                 for e in examples
             )
             raise ValueError(
@@ -154,8 +164,7 @@ def tokenize_examples(
                 f"eos, longer than seq_len={seq_len}; raise seq_len to at least {longest} (the "
                 "longest example). Responses are never truncated."
             )
-        tokens[i, 0] = bos
-        tokens[i, 1:p] = prompt_ids
+        tokens[i, :p] = prompt_ids
         tokens[i, p : length - 1] = response_ids
         tokens[i, length - 1] = eos
         loss_mask[i, p:length] = 1.0
@@ -308,6 +317,37 @@ def _json_value(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _split_train_test(
+    assignment: Sequence[np.ndarray], test_fraction: float, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Splits each client's examples at random into train and test, vectorized.
+
+    Client m with n_m >= 2 examples gets `round(test_fraction * n_m)` test examples, clamped to
+    `[1, n_m - 1]`. Within a client both parts keep pool order (ascending index), so rows do not
+    depend on the random split keys.
+
+    Args:
+        assignment: Each client's example indices (every client has >= 2).
+        test_fraction: Share of each client's examples held out, in (0, 1).
+        seed: Seed of the split's random stream.
+
+    Returns:
+        `(train_assignment, test_assignment)`, one sorted index array per client each.
+    """
+    split_rng = np.random.default_rng(seed)
+    sizes = np.array([len(a) for a in assignment], dtype=np.int64)
+    idx = np.concatenate([np.asarray(a, dtype=np.int64) for a in assignment])
+    client_of = np.repeat(np.arange(sizes.size), sizes)
+    order = np.lexsort((split_rng.random(idx.size), client_of))  # by client, random within client
+    idx, client_of = idx[order], client_of[order]
+    rank = np.arange(idx.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    num_test = np.clip(np.floor(test_fraction * sizes + 0.5).astype(np.int64), 1, sizes - 1)
+    is_test = rank < num_test[client_of]
+    test_assign = np.split(idx[is_test], np.cumsum(num_test)[:-1])
+    train_assign = np.split(idx[~is_test], np.cumsum(sizes - num_test)[:-1])
+    return [np.sort(a) for a in train_assign], [np.sort(a) for a in test_assign]
+
+
 def build_task_data(
     families: Sequence[str],
     num_clients: int,
@@ -385,21 +425,7 @@ def build_task_data(
         partitioner, pool.labels, int(num_clients), _derive_seed(seed, 1), **kwargs
     )
 
-    # Per-client random train/test split, vectorized: a random key orders each client's examples.
-    split_rng = np.random.default_rng(_derive_seed(seed, 2))
-    sizes = np.array([a.size for a in assignment], dtype=np.int64)
-    idx = np.concatenate(assignment)
-    client_of = np.repeat(np.arange(num_clients), sizes)
-    order = np.lexsort((split_rng.random(idx.size), client_of))  # by client, random within client
-    idx, client_of = idx[order], client_of[order]
-    rank = np.arange(idx.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-    num_test = np.clip(np.floor(test_fraction * sizes + 0.5).astype(np.int64), 1, sizes - 1)
-    is_test = rank < num_test[client_of]
-    # Within a client, keep pool order (ascending index) so rows do not depend on the split keys.
-    test_assign = np.split(idx[is_test], np.cumsum(num_test)[:-1])
-    train_assign = np.split(idx[~is_test], np.cumsum(sizes - num_test)[:-1])
-    train_assign = [np.sort(a) for a in train_assign]
-    test_assign = [np.sort(a) for a in test_assign]
+    train_assign, test_assign = _split_train_test(assignment, test_fraction, _derive_seed(seed, 2))
     train = make_federated_dataset(pool, train_assign)
     client_test = make_federated_dataset(pool, test_assign)
 

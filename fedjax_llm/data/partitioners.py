@@ -3,7 +3,10 @@
 Every partitioner has the signature
 `(labels: np.ndarray [N], num_clients: int, seed: int, **kwargs) -> list[np.ndarray]` and returns,
 for each client, the sorted indices of its examples. The result is a partition (every example is
-used exactly once) and every client gets at least `min_examples` (default 2) examples.
+used exactly once) and every client gets at least `min_examples` (default 2) examples. The one
+exception is `natural`, whose "labels" are the values of a column such as user or file: it makes
+one client per value and leaves out the examples of values with fewer than `min_examples` (see
+`natural_clients`, which reports them).
 
 They are vectorized numpy: each computes a client id per example and the lists come from one stable
 argsort, so splitting 100k examples into 10k clients takes milliseconds. Loops run only over labels
@@ -12,8 +15,10 @@ or over a handful of rebalancing rounds, never over examples.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +28,10 @@ __all__ = [
     "PARTITIONERS",
     "dirichlet_partition",
     "format_partition_stats",
+    "NaturalClients",
     "iid_partition",
+    "natural_clients",
+    "natural_partition",
     "partition",
     "partition_stats",
     "pathological_partition",
@@ -353,24 +361,164 @@ def pathological_partition(
     return _split_by_client(client_of, num_clients)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class NaturalClients:
+    """One client per distinct group value, and what was left out.
+
+    Attributes:
+        assignment: Each client's sorted example indices (clients in ascending group order).
+        groups: [M] group value of each client.
+        dropped_groups: Group values left out because they have fewer than `min_examples`
+            examples, ascending.
+        dropped_counts: Number of examples of each dropped group.
+        unselected_groups: Eligible groups left out because `num_clients` asked for fewer.
+    """
+
+    assignment: list[np.ndarray]
+    groups: np.ndarray
+    dropped_groups: np.ndarray
+    dropped_counts: np.ndarray
+    unselected_groups: np.ndarray
+
+    @property
+    def num_dropped_examples(self) -> int:
+        """Examples of the dropped groups."""
+        return int(self.dropped_counts.sum())
+
+
+def natural_clients(
+    groups: np.ndarray,
+    num_clients: int | None = None,
+    seed: int = 0,
+    *,
+    min_examples: int = 2,
+) -> NaturalClients:
+    """Natural partition: one client per distinct value of a column (user, category, file, ...).
+
+    Groups with fewer than `min_examples` examples cannot give a client one train and one test
+    example; they are left out and reported. Deterministic: clients are in ascending group order,
+    and `seed` only matters when `num_clients` picks a subset.
+
+    Args:
+        groups: [N] integer group id per example (e.g. codes of a column's values).
+        num_clients: None keeps every group with enough examples; an integer keeps that many of
+            them, chosen uniformly at random by `seed` (the rest are `unselected_groups`).
+        seed: Non-negative integer seed (used only to choose a subset).
+        min_examples: Fewest examples a group needs to become a client (>= 1).
+
+    Returns:
+        The `NaturalClients`.
+
+    Raises:
+        ValueError: If `groups` is not a 1-D integer array, an argument is malformed, no group has
+            `min_examples` examples, or `num_clients` exceeds the groups that do (the messages
+            give the counts and the fix).
+    """
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or (groups.size and not np.issubdtype(groups.dtype, np.integer)):
+        raise ValueError(
+            f"natural: groups must be a 1-D integer array (codes of the client column), got "
+            f"shape {groups.shape} and dtype {groups.dtype}."
+        )
+    if isinstance(min_examples, bool) or int(min_examples) != min_examples or min_examples < 1:
+        raise ValueError(f"min_examples must be a positive integer, got {min_examples!r}.")
+    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+    if num_clients is not None and (
+        isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients < 1
+    ):
+        raise ValueError(
+            f"num_clients must be None (one client per group) or a positive integer, got "
+            f"{num_clients!r}."
+        )
+    values, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    eligible = counts >= min_examples
+    if not eligible.any():
+        largest = int(counts.max()) if counts.size else 0
+        raise ValueError(
+            f"natural: none of the {values.size} groups has min_examples={min_examples} examples "
+            f"(the largest has {largest}); every client needs one train and one test example. "
+            "Use a coarser client column, more data, or another partitioner."
+        )
+    chosen = np.flatnonzero(eligible)
+    unselected = np.zeros(0, dtype=np.int64)
+    if num_clients is not None:
+        if num_clients > chosen.size:
+            raise ValueError(
+                f"natural: num_clients={num_clients} but only {chosen.size} groups have at least "
+                f"{min_examples} examples; lower num_clients or pass None for all of them."
+            )
+        pick = np.sort(np.random.default_rng(seed).permutation(chosen.size)[:num_clients])
+        unselected = values[np.setdiff1d(chosen, chosen[pick])]
+        chosen = chosen[pick]
+    client_of_group = np.full(values.size, -1, dtype=np.int64)
+    client_of_group[chosen] = np.arange(chosen.size)
+    client_of = client_of_group[inverse.reshape(-1)]
+    kept = np.flatnonzero(client_of >= 0)  # ascending, so indices stay sorted within a client
+    order = kept[np.argsort(client_of[kept], kind="stable")]
+    sizes = counts[chosen]
+    return NaturalClients(
+        assignment=np.split(order.astype(np.int64), np.cumsum(sizes)[:-1]),
+        groups=values[chosen],
+        dropped_groups=values[~eligible],
+        dropped_counts=counts[~eligible].astype(np.int64),
+        unselected_groups=unselected,
+    )
+
+
+def natural_partition(
+    labels: np.ndarray, num_clients: int | None, seed: int, *, min_examples: int = 2
+) -> list[np.ndarray]:
+    """Registry form of `natural_clients`: one client per distinct label value.
+
+    Here `labels` are group ids (e.g. user or file codes), not classes. Groups with fewer than
+    `min_examples` examples are left out with a `UserWarning` naming them; use `natural_clients`
+    to get the dropped groups as data.
+
+    Args:
+        labels: [N] integer group id per example.
+        num_clients: None for every eligible group, or how many of them to keep (random by
+            `seed`).
+        seed: Non-negative integer seed.
+        min_examples: Fewest examples a group needs to become a client.
+
+    Returns:
+        Each client's sorted example indices, clients in ascending group order.
+
+    Raises:
+        ValueError: As `natural_clients`.
+    """
+    result = natural_clients(labels, num_clients, seed, min_examples=min_examples)
+    if result.dropped_groups.size:
+        warnings.warn(
+            f"natural: left out {result.dropped_groups.size} groups with fewer than "
+            f"{min_examples} examples ({result.num_dropped_examples} examples; groups "
+            f"{result.dropped_groups[:10].tolist()}"
+            f"{' ...' if result.dropped_groups.size > 10 else ''}).",
+            stacklevel=2,
+        )
+    return result.assignment
+
+
 PARTITIONERS: dict[str, Partitioner] = {
     "iid": iid_partition,
     "dirichlet": dirichlet_partition,
     "pathological": pathological_partition,
     "quantity_skew": quantity_skew_partition,
+    "natural": natural_partition,
 }
 """Registry of partitioners by name; each `(labels, num_clients, seed, **kwargs) -> list`."""
 
 
 def partition(
-    name: str, labels: np.ndarray, num_clients: int, seed: int, **kwargs: Any
+    name: str, labels: np.ndarray, num_clients: int | None, seed: int, **kwargs: Any
 ) -> list[np.ndarray]:
     """Runs the partitioner registered as `name`, checking the name and keyword arguments.
 
     Args:
         name: A key of `PARTITIONERS`.
-        labels: [N] integer labels.
-        num_clients: Number of clients.
+        labels: [N] integer labels (for `natural`: group ids such as user or file codes).
+        num_clients: Number of clients (for `natural`: None for one client per group).
         seed: Non-negative integer seed.
         **kwargs: The partitioner's keyword arguments (e.g. `alpha`, `min_examples`).
 
@@ -473,7 +621,8 @@ def format_partition_stats(stats: dict[str, Any]) -> str:
     Args:
         stats: The dict from `partition_stats`, optionally with `partitioner`,
             `partitioner_kwargs`, `num_train`, `num_client_test`, `num_eval` and
-            `eval_prompt_overlap_with_train` as added by `build_task_data`.
+            `eval_prompt_overlap_with_train` as added by `build_task_data`, and the drop counts
+            that `build_file_data` adds.
 
     Returns:
         A few lines of text, without a trailing newline.
@@ -506,4 +655,14 @@ def format_partition_stats(stats: dict[str, Any]) -> str:
                 "train)"
             )
         lines.append(line)
+    if (
+        "format_pool" in stats
+    ):  # real data (build_file_data): what formatting and partition left out
+        dropped = stats.get("dropped_clients") or {}
+        lines.append(
+            f"  dropped: {stats['dropped_by_truncation']} records too long for seq_len, "
+            f"{stats['dropped_empty']} empty or without a response, {dropped.get('count', 0)} "
+            f"clients with < 2 examples ({dropped.get('examples', 0)} examples); "
+            f"{stats['truncated']} rows truncated"
+        )
     return "\n".join(lines)

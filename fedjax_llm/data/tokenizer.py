@@ -17,8 +17,9 @@ __all__ = ["ByteTokenizer", "Tokenizer"]
 class Tokenizer(Protocol):
     """What the data pipeline needs from a tokenizer.
 
-    `ByteTokenizer` implements it; a wrapper around a Hugging Face tokenizer can too. Prompt and
-    response are encoded separately (see `tokenize_examples`), so the loss mask is exact.
+    `ByteTokenizer` implements it, and so does `HFTokenizer` (a wrapper around a Hugging Face
+    tokenizer). Prompt and response are encoded separately (see `tokenize_examples`), so the loss
+    mask is exact.
     """
 
     @property
@@ -27,8 +28,11 @@ class Tokenizer(Protocol):
         ...
 
     @property
-    def bos_id(self) -> int:
-        """Id of the beginning-of-sequence token."""
+    def bos_id(self) -> int | None:
+        """Id of the beginning-of-sequence token, or None for tokenizers without one (Qwen2).
+
+        Code that prepends bos must skip it when this is None (`encode(add_bos=True)` does).
+        """
         ...
 
     @property
