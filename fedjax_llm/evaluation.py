@@ -13,17 +13,18 @@ import numpy as np
 import optax
 
 from fedjax_llm.data import FederatedDataset, TokenizedExamples
-from fedjax_llm.models.decoding import greedy_decode
+from fedjax_llm.models.generation import generate, left_align_prompts
+from fedjax_llm.models.trainable import Trainable
 
 PyTree = Any
 
 
-def make_eval_step(apply_fn: Callable, max_new_tokens: int, eos_id: int, pad_id: int) -> Callable:
+def make_eval_step(trainable: Trainable, max_new_tokens: int, eos_id: int, pad_id: int) -> Callable:
     """Builds the jitted per-batch evaluation.
 
     Args:
-      apply_fn: ``(frozen, params, tokens) -> logits``.
-      max_new_tokens: greedy decoding budget.
+      trainable: what the clients train; its `model_inputs` runs the model.
+      max_new_tokens: greedy decoding budget (0 skips generation and exact match).
       eos_id: end-of-sequence id.
       pad_id: padding id.
 
@@ -34,21 +35,24 @@ def make_eval_step(apply_fn: Callable, max_new_tokens: int, eos_id: int, pad_id:
 
     @jax.jit
     def eval_step(frozen, params, tokens, loss_mask, prompt_len):
-        logits = apply_fn(frozen, params, tokens)[:, :-1].astype(jnp.float32)
+        logits = trainable.apply(frozen, params, tokens)[:, :-1].astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
         mask = loss_mask[:, 1:]
-        positions = jnp.arange(tokens.shape[1])[None, :]
-        prompts = jnp.where(positions < prompt_len[:, None], tokens, pad_id)
-        # Room to generate past the padded length without clipping the answer.
-        prompts = jnp.pad(prompts, ((0, 0), (0, max_new_tokens)), constant_values=pad_id)
-        generated = greedy_decode(
-            lambda t: apply_fn(frozen, params, t),
-            prompts,
-            prompt_len,
-            max_new_tokens,
-            eos_id,
-            pad_id,
-        )
+        if max_new_tokens == 0:
+            generated = jnp.zeros((tokens.shape[0], 0), tokens.dtype)
+        else:
+            prompts, prompt_mask = left_align_prompts(tokens, prompt_len, pad_id)
+            base, model_kwargs = trainable.model_inputs(frozen, params)
+            generated = generate(
+                trainable.config,
+                base,
+                prompts,
+                prompt_mask,
+                max_new_tokens=max_new_tokens,
+                eos_id=eos_id,
+                pad_id=pad_id,
+                model_kwargs=model_kwargs,
+            )
         return jnp.sum(ce * mask, axis=1), jnp.sum(mask, axis=1), generated
 
     return eval_step

@@ -139,7 +139,7 @@ class Simulation:
         # Donating the server state and the client store lets XLA update them in place.
         self.round_fn = jax.jit(round_fn, donate_argnums=(1, 2))
         self.eval_step = make_eval_step(
-            self.trainable.apply,
+            self.trainable,
             config.eval.max_new_tokens,
             self.tokenizer.eos_id,
             self.tokenizer.pad_id,

@@ -8,12 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from fedjax_llm.models import hf_loader, llama
 from fedjax_llm.models.hf_loader import ModelLoadError
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 SMALL = dict(
     vocab_size=97,

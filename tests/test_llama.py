@@ -311,7 +311,8 @@ def _reference_forward(
             x = np.concatenate([np.asarray(prompt, np.float64), x])
             valid = np.concatenate([np.ones(num_prompt, bool), valid])
         n = x.shape[0]
-        positions = np.arange(n, dtype=np.float64)
+        # A token's position counts the real tokens before it (HF's position_ids from the mask).
+        positions = np.maximum(np.cumsum(valid) - 1, 0).astype(np.float64)
         for layer in range(config.num_layers):
             lp = jax.tree_util.tree_map(lambda w, layer=layer: w[layer], p["layers"])
 

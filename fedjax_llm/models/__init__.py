@@ -1,14 +1,16 @@
-"""Llama-family decoder, its parameter-efficient trainable parts, and decoding."""
+"""Llama-family decoder, its trainable parts, loading of HF checkpoints, and generation."""
 
-from fedjax_llm.models.decoding import greedy_decode
+from fedjax_llm.models.generation import generate, left_align_prompts, sample_next_token
 from fedjax_llm.models.llama import (
     COMPUTE_DTYPES,
+    KVCache,
     Llama,
     LlamaConfig,
     RMSNorm,
     apply,
     apply_rotary,
     count_params,
+    init_cache,
     init_params,
     lora_target_dims,
     rotary_cos_sin,
@@ -23,6 +25,7 @@ __all__ = [
     "LORA_TARGETS",
     "PROMPT_INITS",
     "TRAINABLE_MODES",
+    "KVCache",
     "Llama",
     "LlamaConfig",
     "RMSNorm",
@@ -31,12 +34,15 @@ __all__ = [
     "apply_rotary",
     "check_lora_targets",
     "count_params",
-    "greedy_decode",
+    "generate",
+    "init_cache",
     "init_lora",
     "init_params",
     "init_prefix",
     "init_soft_prompt",
+    "left_align_prompts",
     "lora_target_dims",
     "make_trainable",
     "rotary_cos_sin",
+    "sample_next_token",
 ]

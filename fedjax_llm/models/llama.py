@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -248,10 +248,13 @@ def _rotate_half(x: jax.Array) -> jax.Array:
 
 
 def _apply_cos_sin(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    # x: [B, T, N, hd]; cos/sin: [T, hd]. Rotation in float32: bf16 angles lose position detail.
+    # x: [B, T, N, hd]; cos/sin: [T, hd] or [B, T, hd] (per-row positions). Rotation in float32:
+    # bf16 angles lose position detail.
     x32 = x.astype(jnp.float32)
-    cos = cos[:, None, :]
-    sin = sin[:, None, :]
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    cos = cos[:, :, None, :]
+    sin = sin[:, :, None, :]
     return (x32 * cos + _rotate_half(x32) * sin).astype(x.dtype)
 
 
@@ -335,7 +338,7 @@ class _Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, lora, lora_scaling, prefix):
+    def __call__(self, x, cos, sin, mask, lora, lora_scaling, prefix, layer_cache, cache_index):
         cfg = self.config
         dtype = cfg.compute_dtype
         hd = cfg.resolved_head_dim
@@ -353,6 +356,13 @@ class _Attention(nn.Module):
         q = _apply_cos_sin(q.reshape(batch, length, cfg.num_heads, hd), cos, sin)
         k = _apply_cos_sin(k.reshape(batch, length, cfg.num_kv_heads, hd), cos, sin)
         v = v.reshape(batch, length, cfg.num_kv_heads, hd)
+        if layer_cache is not None:
+            # Write this call's keys/values at their absolute positions; attend over the buffer.
+            cached_k, cached_v = layer_cache
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), start)
+            layer_cache = (k, v)
 
         if prefix is not None:
             # Prefix slots carry no position: they are learned keys/values, not rotated tokens.
@@ -372,7 +382,7 @@ class _Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
         out = out.reshape(batch, length, cfg.num_heads * hd)
-        return proj(out, cfg.hidden_size, "o_proj", "o")
+        return proj(out, cfg.hidden_size, "o_proj", "o"), layer_cache
 
 
 class _MLP(nn.Module):
@@ -399,15 +409,59 @@ class _DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, layer_inputs, cos, sin, mask, lora_scaling):
+    def __call__(self, x, layer_inputs, cos, sin, mask, lora_scaling, cache_index):
         cfg = self.config
-        lora, prefix = layer_inputs
+        lora, prefix, layer_cache = layer_inputs
         norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype)
         h = norm(name="attn_norm")(x)
-        x = x + _Attention(cfg, name="attn")(h, cos, sin, mask, lora, lora_scaling, prefix)
+        attn, layer_cache = _Attention(cfg, name="attn")(
+            h, cos, sin, mask, lora, lora_scaling, prefix, layer_cache, cache_index
+        )
+        x = x + attn
         h = norm(name="mlp_norm")(x)
         x = x + _MLP(cfg, name="mlp")(h, lora, lora_scaling)
-        return x, None
+        return x, layer_cache
+
+
+class KVCache(NamedTuple):
+    """Keys and values of earlier positions, for incremental decoding.
+
+    Attributes:
+      key: [L, B, S, KV, hd] rotated keys of every layer, in the compute dtype.
+      value: [L, B, S, KV, hd] values.
+      index: int32 scalar, the number of positions filled (the next call writes there).
+      valid: bool [B, S], True at filled positions that are real tokens (not padding).
+    """
+
+    key: jax.Array
+    value: jax.Array
+    index: jax.Array
+    valid: jax.Array
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int) -> KVCache:
+    """An empty cache for `batch` sequences of up to `length` positions (soft prompt included).
+
+    Args:
+      config: The architecture.
+      batch: Batch size B.
+      length: Capacity S in positions.
+
+    Returns:
+      A `KVCache` with nothing filled.
+    """
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.resolved_head_dim)
+    zeros = jnp.zeros(shape, config.compute_dtype)
+    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((batch, length), bool))
+
+
+def _check_cache(config: LlamaConfig, cache: KVCache, batch: int, total: int) -> None:
+    want = (config.num_layers, batch, None, config.num_kv_heads, config.resolved_head_dim)
+    got = tuple(cache.key.shape)
+    if len(got) != 5 or any(w is not None and w != g for w, g in zip(want, got, strict=True)):
+        raise ValueError(f"cache.key has shape {got}; expected [L, B, S, KV, hd] = {want}.")
+    if total > got[2]:
+        raise ValueError(f"{total} new positions do not fit a cache of {got[2]} positions.")
 
 
 class Llama(nn.Module):
@@ -431,13 +485,16 @@ class Llama(nn.Module):
         lora_scaling: float = 1.0,
         prompt_embeddings: jax.Array | None = None,
         prefix: dict | None = None,
-    ) -> jax.Array:
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Computes logits for every position.
 
         Args:
           tokens: Token ids, int32 [B, T].
           attention_mask: Bool [B, T], True for real tokens; None means all real. Masked positions
-            are never attended to (as keys); their own logits are unspecified but finite.
+            are never attended to (as keys) and take no rotary position: a token's position is
+            the number of real tokens before it, as HF derives position_ids from the mask. Their
+            own logits are unspecified but finite.
           lora: Optional LoRA factors, a dict with keys from ('q', 'k', 'v', 'o', 'gate', 'up',
             'down'), each {'a': [L, d_in, r], 'b': [L, r, d_out]}.
             The projection becomes `x @ W + lora_scaling * (x @ a) @ b` (never merged).
@@ -448,9 +505,13 @@ class Llama(nn.Module):
           prefix: Optional prefix-tuning keys/values {'key': [L, P, KV, hd], 'value': [L, P, KV,
             hd]} prepended to each layer's keys and values, without rotary embedding. Every query
             attends to all P slots; real tokens keep positions 0..T-1.
+          cache: Optional key/value cache (see `KVCache`, `init_cache`) for incremental decoding.
+            This call's P + T positions are written at `cache.index` onwards and attend to every
+            valid earlier cache position; `attention_mask` then marks this call's tokens only.
+            Pass `prompt_embeddings` only with the first call that fills the cache.
 
         Returns:
-          Logits, float32 [B, T, V].
+          Logits, float32 [B, T, V]; with a cache, (logits, the updated cache).
 
         Raises:
           ValueError: If the config is invalid or an input has the wrong shape or keys.
@@ -497,9 +558,30 @@ class Llama(nn.Module):
             key_valid = jnp.concatenate([jnp.ones((batch, num_prompt), bool), key_valid], axis=1)
 
         total = num_prompt + length
-        cos, sin = rotary_cos_sin(jnp.arange(total), cfg.resolved_head_dim, cfg.rope_theta, cfg)
-        causal = jnp.tril(jnp.ones((total, total), dtype=bool))
-        mask = causal[None] & key_valid[:, None, :]  # [B, T_q, T_k]
+        # A token's rotary position counts the real tokens before it (as HF derives position_ids
+        # from the attention mask), so left padding and a soft prompt before it shift nothing.
+        if cache is None:
+            cache_index = 0
+            positions = (
+                jnp.arange(total)[None]
+                if attention_mask is None
+                else jnp.cumsum(key_valid, axis=1) - 1
+            )
+            causal = jnp.tril(jnp.ones((total, total), dtype=bool))
+            mask = causal[None] & key_valid[:, None, :]  # [B, T_q, T_k]
+            layer_caches = None
+        else:
+            _check_cache(cfg, cache, batch, total)
+            cache_index = cache.index
+            seen = jnp.sum(cache.valid, axis=1, keepdims=True)
+            positions = seen + jnp.cumsum(key_valid, axis=1) - 1
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, key_valid, (0, cache_index))
+            slots = cache_index + jnp.arange(total)
+            causal = jnp.arange(cache.valid.shape[1])[None, :] <= slots[:, None]
+            mask = causal[None] & key_valid[:, None, :]  # [B, T_q, S]
+            layer_caches = (cache.key, cache.value)
+        positions = jnp.maximum(positions, 0)  # pads before the first real token
+        cos, sin = rotary_cos_sin(positions, cfg.resolved_head_dim, cfg.rope_theta, cfg)
         if prefix is not None:
             num_prefix = prefix["key"].shape[1]
             mask = jnp.concatenate([jnp.ones((batch, total, num_prefix), bool), mask], axis=-1)
@@ -508,11 +590,13 @@ class Llama(nn.Module):
             _DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             unroll=cfg.resolved_scan_unroll,
         )(cfg, name="layers")
-        x, _ = layers(x, (lora, prefix), cos, sin, mask, lora_scaling)
+        x, layer_caches = layers(
+            x, (lora, prefix, layer_caches), cos, sin, mask, lora_scaling, cache_index
+        )
 
         x = RMSNorm(cfg.rms_norm_eps, dtype=dtype, name="final_norm")(x)
         x = x[:, num_prompt:]
@@ -533,7 +617,11 @@ class Llama(nn.Module):
                 ),
                 name="lm_head",
             )(x)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits
+        new_cache = KVCache(*layer_caches, index=cache_index + total, valid=key_valid)
+        return logits, new_cache
 
 
 def lora_target_dims(config: LlamaConfig) -> dict[str, tuple[int, int]]:

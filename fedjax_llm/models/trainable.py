@@ -26,17 +26,23 @@ class Trainable(NamedTuple):
 
     Attributes:
       mode: One of TRAINABLE_MODES.
+      config: The architecture.
       init: (key, base_params) -> the initial trainable pytree.
       frozen: base_params -> the frozen pytree shared by all clients ({} for 'full', the base
         params otherwise).
+      model_inputs: (frozen, trainable) -> (base params, keyword arguments of `Llama.__call__`
+        such as `lora`/`lora_scaling`, `prompt_embeddings` or `prefix`). Everything that runs the
+        model (training, evaluation, generation) goes through it.
       apply: (frozen, trainable, tokens [B, T], attention_mask=None) -> logits [B, T, V] float32.
         `attention_mask` is an optional bool [B, T] (True = real token); right padding needs none,
         since causal attention never lets real tokens see the pads after them.
     """
 
     mode: str
+    config: LlamaConfig
     init: Callable[[jax.Array, dict], Any]
     frozen: Callable[[dict], Any]
+    model_inputs: Callable[[Any, Any], tuple[dict, dict[str, Any]]]
     apply: Callable[..., jax.Array]
 
 
@@ -73,22 +79,29 @@ def make_trainable(
     """
     model_config.validate()
     config = model_config
+    if mode not in TRAINABLE_MODES:
+        raise ValueError(f"Unknown trainable mode {mode!r}; choose one of {TRAINABLE_MODES}.")
+    if mode in ("soft_prompt", "prefix") and (
+        not isinstance(num_virtual_tokens, int) or num_virtual_tokens <= 0
+    ):
+        raise ValueError(
+            f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}."
+        )
 
+    frozen: Callable[[dict], Any] = _identity
     if mode == "full":
 
         def init(key: jax.Array, base_params: dict) -> Any:
             del key  # The trainable part is the base itself.
             return base_params
 
-        def apply(
-            frozen: Any, trainable: Any, tokens: jax.Array, attention_mask: jax.Array | None = None
-        ) -> jax.Array:
-            del frozen
-            return llama.apply(config, trainable, tokens, attention_mask=attention_mask)
+        def model_inputs(frozen_params: Any, trainable: Any) -> tuple[dict, dict[str, Any]]:
+            del frozen_params
+            return trainable, {}
 
-        return Trainable(mode, init, lambda base_params: {}, apply)
+        frozen = _nothing
 
-    if mode == "lora":
+    elif mode == "lora":
         targets = check_lora_targets(lora_targets)
         if not isinstance(lora_rank, int) or lora_rank <= 0:
             raise ValueError(f"lora_rank must be a positive integer, got {lora_rank!r}.")
@@ -98,60 +111,46 @@ def make_trainable(
             del base_params
             return init_lora(config, key, lora_rank, targets)
 
-        def apply(
-            frozen: Any, trainable: Any, tokens: jax.Array, attention_mask: jax.Array | None = None
-        ) -> jax.Array:
-            return llama.apply(
-                config,
-                frozen,
-                tokens,
-                attention_mask=attention_mask,
-                lora=trainable,
-                lora_scaling=scaling,
-            )
+        def model_inputs(frozen_params: Any, trainable: Any) -> tuple[dict, dict[str, Any]]:
+            return frozen_params, {"lora": trainable, "lora_scaling": scaling}
 
-        return Trainable(mode, init, _identity, apply)
-
-    if mode in ("soft_prompt", "prefix"):
-        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens <= 0:
-            raise ValueError(
-                f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}."
-            )
-
-    if mode == "soft_prompt":
+    elif mode == "soft_prompt":
         if prompt_init not in PROMPT_INITS:
             raise ValueError(f"Unknown prompt_init {prompt_init!r}; choose one of {PROMPT_INITS}.")
 
         def init(key: jax.Array, base_params: dict) -> Any:
             return init_soft_prompt(config, base_params, key, num_virtual_tokens, prompt_init)
 
-        def apply(
-            frozen: Any, trainable: Any, tokens: jax.Array, attention_mask: jax.Array | None = None
-        ) -> jax.Array:
-            return llama.apply(
-                config, frozen, tokens, attention_mask=attention_mask, prompt_embeddings=trainable
-            )
+        def model_inputs(frozen_params: Any, trainable: Any) -> tuple[dict, dict[str, Any]]:
+            return frozen_params, {"prompt_embeddings": trainable}
 
-        return Trainable(mode, init, _identity, apply)
-
-    if mode == "prefix":
+    else:  # prefix
 
         def init(key: jax.Array, base_params: dict) -> Any:
             del base_params
             return init_prefix(config, key, num_virtual_tokens)
 
-        def apply(
-            frozen: Any, trainable: Any, tokens: jax.Array, attention_mask: jax.Array | None = None
-        ) -> jax.Array:
-            return llama.apply(
-                config, frozen, tokens, attention_mask=attention_mask, prefix=trainable
-            )
+        def model_inputs(frozen_params: Any, trainable: Any) -> tuple[dict, dict[str, Any]]:
+            return frozen_params, {"prefix": trainable}
 
-        return Trainable(mode, init, _identity, apply)
+    def apply(
+        frozen_params: Any,
+        trainable: Any,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        params, kwargs = model_inputs(frozen_params, trainable)
+        return llama.apply(config, params, tokens, attention_mask=attention_mask, **kwargs)
 
-    raise ValueError(f"Unknown trainable mode {mode!r}; choose one of {TRAINABLE_MODES}.")
+    return Trainable(mode, config, init, frozen, model_inputs, apply)
 
 
 def _identity(base_params: dict) -> dict:
     # The whole base is frozen and shared; it is never copied per client.
     return base_params
+
+
+def _nothing(base_params: dict) -> dict:
+    # Full training: the base is the trainable part, nothing stays frozen.
+    del base_params
+    return {}
