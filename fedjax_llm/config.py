@@ -23,7 +23,12 @@ TrainableMode = Literal["full", "lora", "soft_prompt", "prefix"]
 ClientOptimizerName = Literal["sgd", "momentum", "adamw"]
 ServerOptimizerName = Literal["sgd", "momentum", "adam", "yogi", "adagrad"]
 ScheduleName = Literal["constant", "cosine", "linear", "warmup_cosine"]
-PartitionerName = Literal["iid", "dirichlet", "pathological", "quantity_skew"]
+PartitionerName = Literal["iid", "dirichlet", "pathological", "quantity_skew", "natural"]
+DataSource = Literal["builtin", "file"]
+DataFormat = Literal["auto", "alpaca", "dolly", "messages", "text"]
+LossOn = Literal["last", "all"]
+SampleBy = Literal["document", "paragraph", "line"]
+LoadDtype = Literal["float32", "bfloat16"]
 WeightingName = Literal["num_examples", "uniform"]
 
 
@@ -57,25 +62,73 @@ class TrainableConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """The built-in offline instruction tasks and how they are split across clients.
+class PretrainedConfig:
+    """A pretrained base model from a local Hugging Face-format directory.
 
     Attributes:
+      path: directory with config.json, *.safetensors and the tokenizer files (Llama 2/3,
+        SmolLM2, Qwen2/2.5, Mistral). None trains the `model` architecture from random init
+        with the byte tokenizer. With a path, the architecture comes from the directory: only
+        ``model.dtype`` and ``model.scan_unroll`` still apply.
+      load_dtype: storage dtype of the loaded weights (bfloat16 halves a frozen base's memory).
+    """
+
+    path: str | None = None
+    load_dtype: LoadDtype = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The training data and how it is split across clients.
+
+    Attributes:
+      source: ``builtin`` (the offline instruction tasks) or ``file`` (``path``).
+      path: a local JSON/JSONL/Parquet/CSV/text file, a folder or glob of them, or a hub
+        dataset name (online only); ``source: file``.
+      format: ``auto`` (detected from the columns), ``alpaca`` (instruction/input/output),
+        ``dolly`` (instruction/context/response/category), ``messages`` (chat) or ``text``
+        (pre-training).
+      label_column: column whose values label examples (categories) for the dirichlet and
+        pathological partitioners and per-category evaluation; null: one label.
+      client_column: column whose values are the clients of the ``natural`` partitioner
+        (user, source, language, ...); ``__file__`` makes one client per file.
+      text_column: the text column of ``format: text``.
+      eval_fraction: share of the records held out as the global evaluation set (``file``).
+      max_examples: keep a seeded random subset of this many records (``file``); null: all.
+      pack: pack plain-text documents into full rows (``format: text``).
+      sample_by: a record of a .txt file is the whole ``document``, a ``paragraph`` or a
+        ``line``. Held-out evaluation records are whole records.
+      loss_on: ``last`` trains on the last assistant turn of a chat, ``all`` on every one.
+      chat_template: a Jinja chat template (text, or a path to a file holding it) for
+        tokenizers without one.
       task_families: families of prompt/response tasks (see `fedjax_llm.data.TASK_FAMILIES`).
-      num_clients: total client population.
-      examples_per_client: mean number of examples per client (train plus test).
+      num_clients: total client population (``builtin``); with ``natural``, the number of
+        natural clients kept (a seeded subset), null for all of them.
+      examples_per_client: mean number of examples per client (train plus test; ``builtin``).
       test_fraction: share of each client's examples held out for per-client evaluation.
       seq_len: padded sequence length in tokens.
-      partitioner: ``iid``, ``dirichlet``, ``pathological`` or ``quantity_skew``.
+      partitioner: ``iid``, ``dirichlet``, ``pathological``, ``quantity_skew`` or ``natural``.
       dirichlet_alpha: concentration for ``dirichlet`` (smaller = more heterogeneous).
-      classes_per_client: task families per client for ``pathological``.
+      classes_per_client: labels per client for ``pathological``.
       quantity_skew_sigma: lognormal sigma of client sizes for ``quantity_skew``.
-      eval_examples_per_family: size of the global held-out set, per family.
+      eval_examples_per_family: size of the global held-out set, per family (``builtin``).
       seed: seed of data generation and partitioning.
     """
 
+    source: DataSource = "builtin"
+    path: str | None = None
+    format: DataFormat = "auto"
+    label_column: str | None = None
+    client_column: str = "__file__"
+    text_column: str = "text"
+    eval_fraction: float = 0.1
+    max_examples: int | None = None
+    pack: bool = True
+    sample_by: SampleBy = "document"
+    loss_on: LossOn = "last"
+    chat_template: str | None = None
     task_families: tuple[str, ...] = ("add", "reverse", "sort", "count", "lookup", "copy", "max")
-    num_clients: int = 64
+    num_clients: int | None = 64
     examples_per_client: int = 64
     test_fraction: float = 0.125
     seq_len: int = 32
@@ -93,6 +146,7 @@ class DataConfig:
             "dirichlet": {"alpha": self.dirichlet_alpha},
             "pathological": {"classes_per_client": self.classes_per_client},
             "quantity_skew": {"sigma": self.quantity_skew_sigma},
+            "natural": {},
         }[self.partitioner]
 
 
@@ -201,7 +255,7 @@ class EvalConfig:
 
     Attributes:
       every: evaluate every this many rounds (and always before the first and after the last).
-      max_new_tokens: greedy decoding budget for exact-match accuracy.
+      max_new_tokens: greedy decoding budget for exact-match accuracy (0 skips generation).
       batch_size: evaluation batch size.
       per_client: also evaluate on every client's held-out examples.
     """
@@ -217,6 +271,7 @@ class ExperimentConfig:
     """A whole experiment. Load with `load_config`; every field has a runnable default."""
 
     model: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
+    pretrained: PretrainedConfig = dataclasses.field(default_factory=PretrainedConfig)
     trainable: TrainableConfig = dataclasses.field(default_factory=TrainableConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
@@ -242,7 +297,6 @@ class ExperimentConfig:
             "server.lr",
             "run.num_rounds",
             "run.num_clients_per_round",
-            "data.num_clients",
             "data.examples_per_client",
             "data.seq_len",
             "eval.batch_size",
@@ -262,7 +316,35 @@ class ExperimentConfig:
                 )
         if self.trainable.mode in ("soft_prompt", "prefix"):
             _positive(self, "trainable.num_virtual_tokens")
-        if self.run.num_clients_per_round > self.data.num_clients:
+        d = self.data
+        if d.num_clients is None:
+            if not (d.source == "file" and d.partitioner == "natural"):
+                raise ConfigError(
+                    "data.num_clients=null (all natural clients) needs data.source=file and "
+                    "data.partitioner=natural; set a number of clients."
+                )
+        else:
+            _positive(self, "data.num_clients")
+        if d.source == "file":
+            if not d.path:
+                raise ConfigError(
+                    "data.source=file needs data.path (a JSON/JSONL/Parquet/CSV/text file, folder "
+                    "or glob)."
+                )
+            if not 0.0 < d.eval_fraction < 1.0:
+                raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in (0, 1).")
+            if d.max_examples is not None:
+                _positive(self, "data.max_examples")
+            if d.partitioner in ("dirichlet", "pathological") and d.label_column is None:
+                raise ConfigError(
+                    f"data.partitioner={d.partitioner} splits by label: set data.label_column "
+                    "(e.g. category)."
+                )
+        elif d.partitioner == "natural":
+            raise ConfigError(
+                "data.partitioner=natural splits real data by a column; it needs data.source=file."
+            )
+        if d.num_clients is not None and self.run.num_clients_per_round > d.num_clients:
             raise ConfigError(
                 f"run.num_clients_per_round={self.run.num_clients_per_round} exceeds "
                 f"data.num_clients={self.data.num_clients}: sample at most as many clients as "
@@ -287,7 +369,7 @@ class ExperimentConfig:
             raise ConfigError(f"algorithm.prox_mu={self.algorithm.prox_mu} must be >= 0.")
         if self.data.partitioner == "dirichlet" and self.data.dirichlet_alpha <= 0:
             raise ConfigError(f"data.dirichlet_alpha={self.data.dirichlet_alpha} must be > 0.")
-        if self.model.max_seq_len < self.data.seq_len:
+        if self.pretrained.path is None and self.model.max_seq_len < self.data.seq_len:
             raise ConfigError(
                 f"model.max_seq_len={self.model.max_seq_len} is shorter than "
                 f"data.seq_len={self.data.seq_len}; raise model.max_seq_len."

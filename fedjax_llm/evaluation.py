@@ -69,8 +69,9 @@ def evaluate_examples(
     """Runs evaluation over examples in fixed-size batches (the last one padded).
 
     Returns:
-      Per-example ``loss_sum``, ``target_tokens`` and ``exact_match`` (1.0 when the greedy
-      answer, cut at the first eos, equals the reference response).
+      Per-example ``loss_sum``, ``target_tokens`` and, when the eval step generates,
+      ``exact_match`` (1.0 when the greedy answer, cut at the first eos, equals the reference
+      response).
     """
     n = len(examples.tokens)
     loss_sum, target_tokens, exact = [], [], []
@@ -87,45 +88,61 @@ def evaluate_examples(
         ls, tt, generated = jax.device_get(out)
         loss_sum.append(ls[:valid])
         target_tokens.append(tt[:valid])
-        for row, i in zip(generated[:valid], idx[:valid], strict=True):
-            exact.append(float(tokenizer.decode(row.tolist()) == examples.responses[i]))
-    return {
-        "loss_sum": np.concatenate(loss_sum),
-        "target_tokens": np.concatenate(target_tokens),
-        "exact_match": np.asarray(exact, np.float64),
-    }
+        if generated.shape[1]:
+            for row, i in zip(generated[:valid], idx[:valid], strict=True):
+                exact.append(float(tokenizer.decode(row.tolist()) == examples.responses[i]))
+    out = {"loss_sum": np.concatenate(loss_sum), "target_tokens": np.concatenate(target_tokens)}
+    if exact:
+        out["exact_match"] = np.asarray(exact, np.float64)
+    return out
+
+
+def _loss_and_perplexity(loss_sum: np.ndarray, tokens: np.ndarray) -> tuple[float, float]:
+    loss = float(loss_sum.sum() / max(tokens.sum(), 1.0))
+    return loss, math.exp(min(loss, 50.0))
 
 
 def summarize_global(per_example: dict[str, np.ndarray], examples: TokenizedExamples) -> dict:
-    """Loss, perplexity and exact match overall and per label (task family)."""
-    loss = float(per_example["loss_sum"].sum() / max(per_example["target_tokens"].sum(), 1.0))
-    out = {
-        "eval/loss": loss,
-        "eval/perplexity": math.exp(min(loss, 50.0)),
-        "eval/exact_match": float(per_example["exact_match"].mean()),
-    }
+    """Loss, perplexity and exact match, overall and per label (task family or category)."""
+    exact = per_example.get("exact_match")
+    loss, perplexity = _loss_and_perplexity(per_example["loss_sum"], per_example["target_tokens"])
+    out = {"eval/loss": loss, "eval/perplexity": perplexity}
+    if exact is not None:
+        out["eval/exact_match"] = float(exact.mean())
+    if len(examples.label_names) < 2:
+        return out
     for label, name in enumerate(examples.label_names):
         mask = examples.labels == label
-        if mask.any():
-            out[f"eval/exact_match/{name}"] = float(per_example["exact_match"][mask].mean())
+        if not mask.any():
+            continue
+        if exact is not None:
+            out[f"eval/exact_match/{name}"] = float(exact[mask].mean())
+        _, out[f"eval/perplexity/{name}"] = _loss_and_perplexity(
+            per_example["loss_sum"][mask], per_example["target_tokens"][mask]
+        )
     return out
 
 
 def summarize_clients(per_example: dict[str, np.ndarray], dataset: FederatedDataset) -> dict:
-    """Per-client loss and exact match: the mean over clients and the worst 10% of clients.
+    """Per-client loss, perplexity and exact match: the mean over clients and the worst 10%.
 
-    "Worst 10%" is the mean over the tenth of clients with the highest loss (lowest exact
-    match), at least one client.
+    "Worst 10%" is the mean over the tenth of clients with the highest loss or perplexity
+    (lowest exact match), at least one client.
     """
     starts, counts = dataset.client_start, dataset.client_count
     loss_sum = np.add.reduceat(per_example["loss_sum"], starts)
     tokens = np.add.reduceat(per_example["target_tokens"], starts)
     client_loss = loss_sum / np.maximum(tokens, 1.0)
-    client_exact = np.add.reduceat(per_example["exact_match"], starts) / counts
+    client_perplexity = np.exp(np.minimum(client_loss, 50.0))
     worst = max(1, int(math.ceil(0.1 * len(starts))))
-    return {
+    out = {
         "client/loss_mean": float(client_loss.mean()),
         "client/loss_worst10": float(np.sort(client_loss)[-worst:].mean()),
-        "client/exact_match_mean": float(client_exact.mean()),
-        "client/exact_match_worst10": float(np.sort(client_exact)[:worst].mean()),
+        "client/perplexity_mean": float(client_perplexity.mean()),
+        "client/perplexity_worst10": float(np.sort(client_perplexity)[-worst:].mean()),
     }
+    if "exact_match" in per_example:
+        client_exact = np.add.reduceat(per_example["exact_match"], starts) / counts
+        out["client/exact_match_mean"] = float(client_exact.mean())
+        out["client/exact_match_worst10"] = float(np.sort(client_exact)[:worst].mean())
+    return out

@@ -20,8 +20,23 @@ import numpy as np
 
 from fedjax_llm.algorithms import Algorithm, build_algorithm
 from fedjax_llm.checkpoint import Checkpointer, config_differences
-from fedjax_llm.config import ConfigError, ExperimentConfig, config_to_dict, dump_config
-from fedjax_llm.data import ByteTokenizer, TaskData, build_task_data, format_partition_stats
+from fedjax_llm.config import (
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    config_to_dict,
+    dump_config,
+)
+from fedjax_llm.data import (
+    ByteTokenizer,
+    TaskData,
+    Tokenizer,
+    build_file_data,
+    build_task_data,
+    format_partition_stats,
+    load_tokenizer,
+    save_partition_report,
+)
 from fedjax_llm.evaluation import (
     evaluate_examples,
     make_eval_step,
@@ -29,7 +44,8 @@ from fedjax_llm.evaluation import (
     summarize_global,
 )
 from fedjax_llm.metrics import MetricsWriter, RoundProgress, summary_table
-from fedjax_llm.models.llama import count_params, init_params
+from fedjax_llm.models.hf_loader import ModelLoadError, load_pretrained
+from fedjax_llm.models.llama import LlamaConfig, count_params, init_params
 from fedjax_llm.models.trainable import Trainable, make_trainable
 from fedjax_llm.optimizers import client_learning_rate
 from fedjax_llm.round import ClientData, LocalSchedule, make_round_fn, round_hparams
@@ -70,31 +86,19 @@ class Simulation:
         self.config = config.validate()
         self.verbose = verbose
         self.run_dir = config.run.output_dir
-        self.tokenizer = ByteTokenizer()
-        if config.model.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-                f"{self.tokenizer.vocab_size} tokens; set model.vocab_size >= "
-                f"{self.tokenizer.vocab_size}."
-            )
-        d = config.data
-        self.data: TaskData = build_task_data(
-            families=d.task_families,
-            num_clients=d.num_clients,
-            examples_per_client=d.examples_per_client,
-            seq_len=d.seq_len,
-            partitioner=d.partitioner,
-            partitioner_kwargs=d.partitioner_kwargs(),
-            test_fraction=d.test_fraction,
-            eval_examples_per_family=d.eval_examples_per_family,
-            seed=d.seed,
-            tokenizer=self.tokenizer,
-        )
         root = jax.random.key(config.run.seed)
         init_key, trainable_key, self.train_key = jax.random.split(root, 3)
+        self.model_config, base, self.tokenizer = build_model(config, init_key)
+        self.data: TaskData = build_data(config.data, self.tokenizer)
+        self.num_clients = self.data.train.num_clients
+        if config.run.num_clients_per_round > self.num_clients:
+            raise ConfigError(
+                f"run.num_clients_per_round={config.run.num_clients_per_round} exceeds the "
+                f"{self.num_clients} clients of the data; sample fewer clients per round."
+            )
         t = config.trainable
         self.trainable: Trainable = make_trainable(
-            config.model,
+            self.model_config,
             t.mode,
             lora_rank=t.lora_rank,
             lora_alpha=t.lora_alpha,
@@ -102,7 +106,6 @@ class Simulation:
             num_virtual_tokens=t.num_virtual_tokens,
             prompt_init=t.prompt_init,
         )
-        base = init_params(config.model, init_key)
         if t.base_run is not None:
             base = load_base_params(t.base_run, config, base)
         params = self.trainable.init(trainable_key, base)
@@ -111,7 +114,7 @@ class Simulation:
         self.server_state = self.algorithm.server_init(params)
         one_state = self.algorithm.client_state_init(params)
         self.client_store = jax.tree.map(
-            lambda x: jnp.zeros((d.num_clients,) + x.shape, x.dtype) + x, one_state
+            lambda x: jnp.zeros((self.num_clients,) + x.shape, x.dtype) + x, one_state
         )
         train = self.data.train
         self.client_data = ClientData(
@@ -131,16 +134,18 @@ class Simulation:
             self.algorithm,
             self.trainable.apply,
             self.schedule,
-            num_clients_total=d.num_clients,
+            num_clients_total=self.num_clients,
             clients_per_chunk=config.run.clients_per_chunk,
             pad_id=self.tokenizer.pad_id,
             uniform_weighting=config.algorithm.weighting == "uniform",
         )
         # Donating the server state and the client store lets XLA update them in place.
         self.round_fn = jax.jit(round_fn, donate_argnums=(1, 2))
+        # Plain text has no reference answers: evaluation is loss and perplexity only.
+        generates = self.data.stats.get("exact_match_meaningful", True)
         self.eval_step = make_eval_step(
             self.trainable,
-            config.eval.max_new_tokens,
+            config.eval.max_new_tokens if generates else 0,
             self.tokenizer.eos_id,
             self.tokenizer.pad_id,
         )
@@ -195,6 +200,7 @@ class Simulation:
             f.write(dump_config(self.config))
         with open(os.path.join(self.run_dir, "partition.json"), "w") as f:
             json.dump(self.data.stats, f, indent=1)
+        save_partition_report(self.data, os.path.join(self.run_dir, "partition.png"))
 
     def _restore(self, round_num: int) -> None:
         assert self.checkpointer is not None
@@ -232,9 +238,7 @@ class Simulation:
     # ----------------------------------------------------------------------------- loop
     def _round_args(self, round_num: int) -> tuple:
         run = self.config.run
-        ids = sample_clients(
-            run.seed, round_num, self.config.data.num_clients, run.num_clients_per_round
-        )
+        ids = sample_clients(run.seed, round_num, self.num_clients, run.num_clients_per_round)
         lr = client_learning_rate(self.config.client, round_num, run.num_rounds)
         round_key = jax.random.fold_in(self.train_key, round_num)
         return ids, round_key, round_hparams(lr), lr
@@ -353,9 +357,9 @@ class Simulation:
         c = self.config
         progress.log(format_partition_stats(self.data.stats))
         progress.log(
-            f"model: {count_params(init_params_shape(c))} params, trainable "
+            f"model: {count_params(init_params_shape(self.model_config))} params, trainable "
             f"({c.trainable.mode}): {count_params(self.params)}; algorithm {c.algorithm.name}; "
-            f"{c.run.num_clients_per_round} of {c.data.num_clients} clients per round; "
+            f"{c.run.num_clients_per_round} of {self.num_clients} clients per round; "
             f"devices: {jax.devices()}"
         )
 
@@ -384,9 +388,108 @@ class Simulation:
             )
 
 
-def init_params_shape(config: ExperimentConfig) -> PyTree:
+def init_params_shape(model_config: LlamaConfig) -> PyTree:
     """Shapes of the base model's parameters (no allocation)."""
-    return jax.eval_shape(lambda: init_params(config.model, jax.random.key(0)))
+    return jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
+
+
+def build_model(config: ExperimentConfig, key: jax.Array) -> tuple[LlamaConfig, PyTree, Tokenizer]:
+    """The base model and its tokenizer: a local pretrained directory, or a random byte-level one.
+
+    Args:
+      config: the experiment; ``pretrained.path`` picks a Hugging Face-format directory.
+      key: init key of a random model.
+
+    Returns:
+      (architecture, base params, tokenizer).
+
+    Raises:
+      ConfigError: if the directory cannot be loaded (the message names the file, tensor or
+        field) or the vocabulary is smaller than the tokenizer's.
+    """
+    chat_template = _read_chat_template(config.data.chat_template)
+    if config.pretrained.path is None:
+        model_config = config.model
+        base = init_params(model_config, key)
+        tokenizer: Tokenizer = ByteTokenizer()
+    else:
+        try:
+            model_config, base = load_pretrained(
+                config.pretrained.path,
+                max_seq_len=config.data.seq_len,
+                dtype=config.model.dtype,
+                load_dtype=config.pretrained.load_dtype,
+                scan_unroll=config.model.scan_unroll,
+            )
+            tokenizer = load_tokenizer(config.pretrained.path, chat_template=chat_template)
+        except (ModelLoadError, ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"pretrained.path: {err}") from None
+    if model_config.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"the model's vocabulary ({model_config.vocab_size}) is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens; set model.vocab_size >= {tokenizer.vocab_size}."
+        )
+    return model_config, base, tokenizer
+
+
+def _read_chat_template(value: str | None) -> str | None:
+    # A template is either given inline or as the path of a file holding it.
+    if value is not None and os.path.isfile(value):
+        with open(value) as f:
+            return f.read()
+    return value
+
+
+def build_data(d: DataConfig, tokenizer: Tokenizer) -> TaskData:
+    """The federated data of a run: the built-in tasks or a local file, partitioned.
+
+    Args:
+      d: the data config.
+      tokenizer: the run's tokenizer.
+
+    Returns:
+      The `TaskData`.
+
+    Raises:
+      ConfigError: for data that cannot be used (missing columns, empty files, no clients left,
+        examples that do not fit); the message names the cause.
+    """
+    try:
+        if d.source == "builtin":
+            return build_task_data(
+                families=d.task_families,
+                num_clients=d.num_clients,
+                examples_per_client=d.examples_per_client,
+                seq_len=d.seq_len,
+                partitioner=d.partitioner,
+                partitioner_kwargs=d.partitioner_kwargs(),
+                test_fraction=d.test_fraction,
+                eval_examples_per_family=d.eval_examples_per_family,
+                seed=d.seed,
+                tokenizer=tokenizer,
+            )
+        return build_file_data(
+            d.path,
+            tokenizer=tokenizer,
+            seq_len=d.seq_len,
+            format=d.format,
+            num_clients=d.num_clients,
+            partitioner=d.partitioner,
+            partitioner_kwargs=d.partitioner_kwargs(),
+            label_column=d.label_column,
+            client_column=d.client_column,
+            text_column=d.text_column,
+            test_fraction=d.test_fraction,
+            eval_fraction=d.eval_fraction,
+            max_examples=d.max_examples,
+            pack=d.pack,
+            seed=d.seed,
+            loss_on=d.loss_on,
+            chat_template=_read_chat_template(d.chat_template),
+            sample_by=d.sample_by,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"data: {err}") from None
 
 
 def load_base_params(run_dir: str, config: ExperimentConfig, like: PyTree) -> PyTree:

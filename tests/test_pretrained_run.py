@@ -1,0 +1,158 @@
+"""End to end: federated LoRA / prompt tuning of an HF-format model on a local data file."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from hf_fixtures import write_tiny_tokenizer
+
+from fedjax_llm.config import ConfigError
+from fedjax_llm.data import load_tokenizer
+from fedjax_llm.simulation import Simulation
+
+CATEGORIES = ("open_qa", "brainstorming", "classification")
+USERS = ("ann", "bob", "cid", "dee", "eve", "fay")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama in HF format with the tiny ChatML tokenizer."""
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    write_tiny_tokenizer(directory)
+    vocab = load_tokenizer(directory).vocab_size
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def dolly_file(tmp_path_factory):
+    """Dolly-schema JSONL with a category and a user column."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "dolly.jsonl"
+    with open(path, "w") as f:
+        for i in range(120):
+            category = CATEGORIES[i % 3]
+            word = ["one", "two", "three", "four"][rng.integers(4)]
+            record = {
+                "instruction": f"say {word} for {category}",
+                "context": "" if i % 2 else "the quick brown fox",
+                "response": f"{word} {word}",
+                "category": category,
+                "user": USERS[i % len(USERS)],
+            }
+            f.write(json.dumps(record) + "\n")
+    return str(path)
+
+
+def _real_config(make_config, model_dir, dolly_file, **sections):
+    data = {
+        "source": "file",
+        "path": dolly_file,
+        "label_column": "category",
+        "client_column": "user",
+        "partitioner": "natural",
+        "num_clients": None,
+        "seq_len": 48,
+        **sections.pop("data", {}),
+    }
+    return make_config(
+        pretrained={"path": model_dir},
+        data=data,
+        trainable=sections.pop("trainable", {"mode": "lora", "lora_rank": 4}),
+        client={"optimizer": "adamw", "lr": 0.01, "local_steps": 2, "batch_size": 2},
+        eval={"every": 100, "max_new_tokens": 4, "batch_size": 16},
+        **sections,
+    )
+
+
+@pytest.mark.parametrize("mode", ["lora", "soft_prompt"])
+def test_federated_tuning_of_a_pretrained_model_on_a_file(make_config, model_dir, dolly_file, mode):
+    trainable = {"mode": mode, "lora_rank": 4, "num_virtual_tokens": 4}
+    config = _real_config(
+        make_config, model_dir, dolly_file, trainable=trainable, run={"num_rounds": 4}
+    )
+    sim = Simulation(config, verbose=False)
+    assert sim.model_config.vocab_size == sim.tokenizer.vocab_size
+    assert sim.num_clients == len(USERS)  # one client per user
+    history = sim.run()
+    before, after = history[0], history[-1]
+    assert after["eval/loss"] < before["eval/loss"]
+    for name in CATEGORIES:
+        assert np.isfinite(after[f"eval/perplexity/{name}"])
+    for key in ("client/perplexity_mean", "client/perplexity_worst10", "eval/exact_match"):
+        assert key in after
+    assert os.path.getsize(os.path.join(config.run.output_dir, "partition.png")) > 1000
+    stats = json.load(open(os.path.join(config.run.output_dir, "partition.json")))
+    assert stats["num_clients"] == len(USERS)
+
+
+def test_dirichlet_split_over_categories(make_config, model_dir, dolly_file):
+    config = _real_config(
+        make_config,
+        model_dir,
+        dolly_file,
+        data={"partitioner": "dirichlet", "dirichlet_alpha": 0.3, "num_clients": 5},
+        run={"num_rounds": 1},
+    )
+    sim = Simulation(config, verbose=False)
+    assert sim.num_clients == 5
+    assert sim.data.train.examples.label_names == tuple(sorted(CATEGORIES))
+
+
+def test_pretraining_on_text_files_with_the_byte_model(make_config, tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i, topic in enumerate(["sea", "fire", "cats"]):
+        lines = [f"the {topic} is here {j}." for j in range(40 + 10 * i)]
+        (folder / f"{topic}.txt").write_text("\n".join(lines))
+    config = make_config(
+        data={
+            "source": "file",
+            "path": str(folder),
+            "format": "text",
+            "partitioner": "natural",
+            "num_clients": None,
+            "seq_len": 32,
+            "sample_by": "line",
+        },
+        run={"num_rounds": 3, "num_clients_per_round": 3},
+    )
+    sim = Simulation(config, verbose=False)
+    assert sim.num_clients == 3  # one client per file
+    history = sim.run()
+    assert history[-1]["eval/loss"] < history[0]["eval/loss"]
+    assert "eval/exact_match" not in history[-1]  # plain text has no reference answers
+
+
+def test_bad_real_inputs_fail_before_training(make_config, model_dir, dolly_file, tmp_path):
+    with pytest.raises(ConfigError, match="fetch_model.py"):
+        Simulation(_real_config(make_config, str(tmp_path / "none"), dolly_file), verbose=False)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        Simulation(
+            _real_config(make_config, model_dir, dolly_file, data={"seq_len": 256}),
+            verbose=False,
+        )
+    with pytest.raises(ConfigError, match="speaker"):
+        Simulation(
+            _real_config(make_config, model_dir, dolly_file, data={"client_column": "speaker"}),
+            verbose=False,
+        )
+    with pytest.raises(ConfigError, match="exceeds"):
+        Simulation(
+            _real_config(make_config, model_dir, dolly_file, run={"num_clients_per_round": 7}),
+            verbose=False,
+        )
