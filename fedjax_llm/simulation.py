@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,15 +97,7 @@ class Simulation:
                 f"{self.num_clients} clients of the data; sample fewer clients per round."
             )
         t = config.trainable
-        self.trainable: Trainable = make_trainable(
-            self.model_config,
-            t.mode,
-            lora_rank=t.lora_rank,
-            lora_alpha=t.lora_alpha,
-            lora_targets=t.lora_targets,
-            num_virtual_tokens=t.num_virtual_tokens,
-            prompt_init=t.prompt_init,
-        )
+        self.trainable: Trainable = build_trainable(config, self.model_config)
         if t.base_run is not None:
             base = load_base_params(t.base_run, config, base)
         params = self.trainable.init(trainable_key, base)
@@ -432,6 +424,20 @@ def build_model(config: ExperimentConfig, key: jax.Array) -> tuple[LlamaConfig, 
     return model_config, base, tokenizer
 
 
+def build_trainable(config: ExperimentConfig, model_config: LlamaConfig) -> Trainable:
+    """The `Trainable` that ``config.trainable`` describes, for the given architecture."""
+    t = config.trainable
+    return make_trainable(
+        model_config,
+        t.mode,
+        lora_rank=t.lora_rank,
+        lora_alpha=t.lora_alpha,
+        lora_targets=t.lora_targets,
+        num_virtual_tokens=t.num_virtual_tokens,
+        prompt_init=t.prompt_init,
+    )
+
+
 def _read_chat_template(value: str | None) -> str | None:
     # A template is either given inline or as the path of a file holding it.
     if value is not None and os.path.isfile(value):
@@ -492,6 +498,32 @@ def build_data(d: DataConfig, tokenizer: Tokenizer) -> TaskData:
         raise ConfigError(f"data: {err}") from None
 
 
+def _read_global_params(run_dir: str, like: PyTree, what: str) -> tuple[PyTree, dict, int]:
+    """Reads the global trainable params of a run's newest checkpoint into the structure of
+    ``like``; returns (params, checkpoint metadata, round)."""
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    try:
+        latest = checkpointer.latest_round()
+        if latest is None:
+            raise ConfigError(
+                f"{what}={run_dir!r} has no checkpoint; runs save one at the end (and every "
+                "run.checkpoint_every rounds)."
+            )
+        raw, meta = checkpointer.restore_raw(latest)
+    finally:
+        checkpointer.close()
+    prefix = "['server_state'].params"
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    missing = [p for p, _ in leaves if prefix + jax.tree_util.keystr(p) not in raw]
+    if missing:
+        raise ConfigError(
+            f"{what}={run_dir!r}: its checkpoint lacks {jax.tree_util.keystr(missing[0])}; it "
+            "was made with another trainable mode or model."
+        )
+    values = [jnp.asarray(raw[prefix + jax.tree_util.keystr(p)]) for p, _ in leaves]
+    return jax.tree_util.tree_unflatten(treedef, values), meta, latest
+
+
 def load_base_params(run_dir: str, config: ExperimentConfig, like: PyTree) -> PyTree:
     """Loads the final global params of an earlier ``full`` run as the frozen base.
 
@@ -506,32 +538,82 @@ def load_base_params(run_dir: str, config: ExperimentConfig, like: PyTree) -> Py
     Raises:
       ConfigError: if the run has no checkpoint, was not a ``full`` run, or used another model.
     """
-    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
-    try:
-        latest = checkpointer.latest_round()
-        if latest is None:
-            raise ConfigError(f"trainable.base_run={run_dir!r} has no checkpoint.")
-        raw, meta = checkpointer.restore_raw(latest)
-    finally:
-        checkpointer.close()
+    params, meta, _ = _read_global_params(run_dir, like, "trainable.base_run")
     if meta.get("trainable_mode") != "full":
         raise ConfigError(
             f"trainable.base_run={run_dir!r} trained {meta.get('trainable_mode')!r}, not 'full'; "
             "a base must come from a full-parameter run."
         )
-    saved_model = meta["config"]["model"]
+    saved = meta["config"]
+    if saved.get("pretrained", {}).get("path") != config.pretrained.path:
+        raise ConfigError(
+            f"trainable.base_run={run_dir!r} started from pretrained.path="
+            f"{saved.get('pretrained', {}).get('path')!r}, not {config.pretrained.path!r}."
+        )
+    saved_model = saved["model"]
     current = dataclasses.asdict(config.model)
     diffs = [
         f"model.{k}: {saved_model.get(k)!r} -> {v!r}"
         for k, v in current.items()
-        if saved_model.get(k) != v and k != "dtype"
+        if saved_model.get(k) != v and k not in ("dtype", "scan_unroll")
     ]
     if diffs:
         raise ConfigError(f"trainable.base_run={run_dir!r} used another model: {diffs}.")
-    prefix = "['server_state'].params"
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-    values = [jnp.asarray(raw[prefix + jax.tree_util.keystr(p)]) for p, _ in leaves]
-    return jax.tree_util.tree_unflatten(treedef, values)
+    return params
+
+
+class TrainedModel(NamedTuple):
+    """A run's trained model, ready for `Trainable.model_inputs` and generation.
+
+    Attributes:
+      config: the run's experiment config.
+      model_config: the architecture.
+      trainable: what the clients trained.
+      frozen: the frozen base.
+      params: the global trainable params of the newest checkpoint.
+      tokenizer: the run's tokenizer.
+      round: the round that checkpoint was taken after.
+    """
+
+    config: ExperimentConfig
+    model_config: LlamaConfig
+    trainable: Trainable
+    frozen: PyTree
+    params: PyTree
+    tokenizer: Tokenizer
+    round: int
+
+
+def load_trained(run_dir: str) -> TrainedModel:
+    """Loads a run's base model and its newest global trainable params (LoRA, prompt, prefix
+    or all parameters), without building its data.
+
+    Args:
+      run_dir: a run directory (``config.yaml`` and ``checkpoints/``).
+
+    Returns:
+      The `TrainedModel`.
+
+    Raises:
+      ConfigError: if the directory holds no run or no checkpoint.
+    """
+    config_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{run_dir!r} is not a run directory (no config.yaml).")
+    from fedjax_llm.config import load_config
+
+    config = load_config(config_path)
+    init_key, trainable_key, _ = jax.random.split(jax.random.key(config.run.seed), 3)
+    model_config, base, tokenizer = build_model(config, init_key)
+    t = config.trainable
+    trainable = build_trainable(config, model_config)
+    if t.base_run is not None:
+        base = load_base_params(t.base_run, config, base)
+    like = jax.eval_shape(trainable.init, trainable_key, base)
+    params, _, round_num = _read_global_params(run_dir, like, "run directory")
+    return TrainedModel(
+        config, model_config, trainable, trainable.frozen(base), params, tokenizer, round_num
+    )
 
 
 def simulate(

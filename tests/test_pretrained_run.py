@@ -156,3 +156,74 @@ def test_bad_real_inputs_fail_before_training(make_config, model_dir, dolly_file
             _real_config(make_config, model_dir, dolly_file, run={"num_clients_per_round": 7}),
             verbose=False,
         )
+
+
+def _generate_script():
+    import importlib.util
+    import sys
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "generate.py")
+    spec = importlib.util.spec_from_file_location("generate_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generate_script_answers_with_the_trained_adapter(
+    make_config, model_dir, dolly_file, capsys
+):
+    import jax
+
+    from fedjax_llm.models.generation import generate
+    from fedjax_llm.simulation import load_trained
+
+    config = _real_config(make_config, model_dir, dolly_file, run={"num_rounds": 2})
+    sim = Simulation(config, verbose=False)
+    sim.run()
+    trained = load_trained(config.run.output_dir)
+    assert trained.round == 2
+    jax.tree.map(np.testing.assert_array_equal, trained.params, sim.params)
+
+    script = _generate_script()
+    prompt = "say two for open_qa"
+    argv = ["--run", config.run.output_dir, "--prompt", prompt, "--max-new-tokens", "5"]
+    assert script.main([*argv, "--compare"]) == 0
+    printed = capsys.readouterr().out
+    # The printed answer is what the trained adapter generates for the chat-formatted prompt.
+    ids = sim.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True
+    )
+    base, kwargs = sim.trainable.model_inputs(sim.frozen, sim.params)
+    want = generate(
+        sim.model_config,
+        base,
+        np.asarray([ids]),
+        np.ones((1, len(ids)), bool),
+        max_new_tokens=5,
+        eos_id=sim.tokenizer.eos_id,
+        pad_id=sim.tokenizer.pad_id,
+        model_kwargs=kwargs,
+    )
+    assert f"(lora, round 2)] {sim.tokenizer.decode(np.asarray(want)[0].tolist())}\n" in printed
+    assert "[base] " in printed
+
+    assert (
+        script.main(
+            [
+                "--model",
+                model_dir,
+                "--prompt",
+                "hello",
+                "--temperature",
+                "1.0",
+                "--top-p",
+                "0.9",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert script.main(["--run", str(model_dir), "--prompt", "x"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
