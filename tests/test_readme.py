@@ -25,12 +25,14 @@ def test_custom_algorithm_example_runs(tmp_path, monkeypatch):
     block = next(b for b in _python_blocks() if "make_clipped_fedavg" in b)
     monkeypatch.chdir(ROOT)
     # Keep the example's own code; only shrink the run and send output to a temp directory.
-    block = block.replace(
-        '"--run.num_rounds", "3"',
+    block, count = re.subn(
+        r'"--run.num_rounds",\s*"3"',
         '"--run.num_rounds", "1", '
         '"--data.num_clients", "16", "--run.num_clients_per_round", "4", '
         '"--eval.per_client", "false"',
+        block,
     )
+    assert count == 1, "the README example no longer sets --run.num_rounds 3"
     block = block.replace('"runs/clipped"', repr(str(tmp_path / "clipped")))
     namespace = {}
     try:
@@ -60,3 +62,27 @@ def _check_example(namespace):
         hparams,
     )[0]
     assert 0.0 < float(optax.tree.norm(out.delta)) <= 0.5 + 1e-5
+
+
+def _simulate_commands():
+    """Every `python scripts/simulate.py ...` command of the README's bash blocks."""
+    import shlex
+
+    text = open(os.path.join(ROOT, "README.md")).read()
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#")[0].split("&&")[-1].strip()
+            if line.startswith("python scripts/simulate.py") and "--help" not in line:
+                yield shlex.split(line)[2:]
+
+
+def test_readme_simulate_commands_parse():
+    commands = list(_simulate_commands())
+    assert len(commands) >= 5
+    for args in commands:
+        config_path = os.path.join(ROOT, "configs", "default.yaml")
+        if "--config" in args:
+            i = args.index("--config")
+            config_path = os.path.join(ROOT, args[i + 1])
+            args = args[:i] + args[i + 2 :]
+        fedjax_llm.load_config(config_path, args)  # raises on an unknown key or bad value
