@@ -227,3 +227,60 @@ def test_generate_script_answers_with_the_trained_adapter(
     )
     assert script.main(["--run", str(model_dir), "--prompt", "x"]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def example_data(tmp_path_factory):
+    import importlib.util
+    import sys
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "make_example_data.py")
+    spec = importlib.util.spec_from_file_location("make_example_data", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("example")
+    assert module.main(["--out", str(out), "--users", "12", "--examples", "300"]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "name", ["smollm2_lora_instruct", "smollm2_prompt_tuning", "pretrain_text"]
+)
+def test_shipped_real_data_configs_run(name, example_data, model_dir, tmp_path):
+    from fedjax_llm.config import load_config
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    shrink = [
+        "--run.num_rounds",
+        "1",
+        "--run.output_dir",
+        str(tmp_path / "run"),
+        "--run.num_clients_per_round",
+        "4",
+        "--eval.max_new_tokens",
+        "2",
+    ]
+    if name == "pretrain_text":
+        shrink += [
+            "--data.path",
+            str(example_data / "texts"),
+            "--model.num_layers",
+            "1",
+            "--data.max_examples",
+            "300",
+        ]
+    else:
+        shrink += [
+            "--data.path",
+            str(example_data / "instructions.jsonl"),
+            "--pretrained.path",
+            model_dir,
+            "--data.seq_len",
+            "64",
+        ]
+    config = load_config(os.path.join(root, "configs", f"{name}.yaml"), shrink)
+    history = Simulation(config, verbose=False).run()
+    assert np.isfinite(history[-1]["train_loss"])
+    labels = [k for k in history[-1] if k.startswith("eval/perplexity/")]
+    assert len(labels) >= 5  # categories or source files
