@@ -348,6 +348,22 @@ def _split_train_test(
     return [np.sort(a) for a in train_assign], [np.sort(a) for a in test_assign]
 
 
+def partitioner_arguments(partitioner_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A partitioner's keyword arguments as JSON values, with `min_examples` defaulting to 2.
+
+    Raises:
+        ValueError: If `min_examples` is below 2 (every client needs a train and a test example).
+    """
+    kwargs = {k: _json_value(v) for k, v in dict(partitioner_kwargs or {}).items()}
+    kwargs.setdefault("min_examples", 2)
+    if not isinstance(kwargs["min_examples"], int) or kwargs["min_examples"] < 2:
+        raise ValueError(
+            f"partitioner_kwargs.min_examples must be an integer >= 2 so every client gets a train "
+            f"and a test example, got {kwargs['min_examples']!r}."
+        )
+    return kwargs
+
+
 def build_task_data(
     families: Sequence[str],
     num_clients: int,
@@ -409,13 +425,7 @@ def build_task_data(
         raise ValueError(
             f"partitioner: unknown name {partitioner!r}; valid names are {sorted(PARTITIONERS)}."
         )
-    kwargs = {k: _json_value(v) for k, v in dict(partitioner_kwargs or {}).items()}
-    kwargs.setdefault("min_examples", 2)
-    if not isinstance(kwargs["min_examples"], int) or kwargs["min_examples"] < 2:
-        raise ValueError(
-            f"partitioner_kwargs.min_examples must be an integer >= 2 so every client gets a train "
-            f"and a test example, got {kwargs['min_examples']!r}."
-        )
+    kwargs = partitioner_arguments(partitioner_kwargs)
 
     pool_examples = generate_examples(
         families, int(num_clients) * int(examples_per_client), _derive_seed(seed, 0)

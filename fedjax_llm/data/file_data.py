@@ -31,9 +31,9 @@ from fedjax_llm.data.federated_dataset import (
     TaskData,
     TokenizedExamples,
     _derive_seed,
-    _json_value,
     _split_train_test,
     make_federated_dataset,
+    partitioner_arguments,
 )
 from fedjax_llm.data.formatting import (
     LOSS_ON,
@@ -220,13 +220,7 @@ def build_file_data(
         raise ValueError(f"loss_on: unknown value {loss_on!r}; valid values are {list(LOSS_ON)}.")
     test_fraction = _check_fraction("test_fraction", test_fraction)
     eval_fraction = _check_fraction("eval_fraction", eval_fraction)
-    kwargs = {k: _json_value(v) for k, v in dict(partitioner_kwargs or {}).items()}
-    kwargs.setdefault("min_examples", 2)
-    if not isinstance(kwargs["min_examples"], int) or kwargs["min_examples"] < 2:
-        raise ValueError(
-            f"partitioner_kwargs.min_examples must be an integer >= 2 so every client gets a train "
-            f"and a test example, got {kwargs['min_examples']!r}."
-        )
+    kwargs = partitioner_arguments(partitioner_kwargs)
 
     loaded = load_records(
         path,
