@@ -224,8 +224,10 @@ class RunConfig:
     Attributes:
       num_rounds: rounds to run in total (a resumed run continues up to this round).
       num_clients_per_round: clients sampled uniformly without replacement each round.
-      clients_per_chunk: clients vmapped together; chunks run in a scan, so memory is that
-        of one chunk. None runs all sampled clients in one vmap.
+      clients_per_chunk: clients vmapped together on one device; chunks run in a scan, so
+        memory is that of one chunk. None runs all of a device's sampled clients in one vmap.
+      devices: local devices the sampled clients are sharded over (a `clients` mesh axis);
+        each trains num_clients_per_round / devices of them. 0 uses every local device.
       seed: root seed of model init, client sampling and local training.
       output_dir: run directory (see the README for its layout).
       checkpoint_every: save the global state every this many rounds (0: only at the end).
@@ -240,6 +242,7 @@ class RunConfig:
     num_rounds: int = 60
     num_clients_per_round: int = 16
     clients_per_chunk: int | None = None
+    devices: int = 1
     seed: int = 0
     output_dir: str = "runs/default"
     checkpoint_every: int = 20
@@ -350,12 +353,21 @@ class ExperimentConfig:
                 f"data.num_clients={self.data.num_clients}: sample at most as many clients as "
                 "exist, or raise data.num_clients."
             )
+        if self.run.devices < 0:
+            raise ConfigError(f"run.devices={self.run.devices} must be >= 0 (0: all devices).")
+        devices = self.run.devices or 1  # 0 is resolved against the machine when the run starts
         chunk = self.run.clients_per_chunk
         if chunk is not None and (chunk <= 0 or self.run.num_clients_per_round % chunk):
             raise ConfigError(
                 f"run.clients_per_chunk={chunk} must be a positive divisor of "
                 f"run.num_clients_per_round={self.run.num_clients_per_round} (or null for one "
                 "chunk of all sampled clients)."
+            )
+        if self.run.num_clients_per_round % (devices * (chunk or 1)):
+            raise ConfigError(
+                f"run.num_clients_per_round={self.run.num_clients_per_round} must be a multiple "
+                f"of run.devices x run.clients_per_chunk = {devices} x {chunk or 1}, so every "
+                "device trains the same number of whole chunks."
             )
         if self.run.stop_after is not None and self.run.stop_after <= 0:
             raise ConfigError(f"run.stop_after={self.run.stop_after} must be positive or null.")

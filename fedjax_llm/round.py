@@ -219,6 +219,10 @@ class RoundOutput(NamedTuple):
     metrics: ClientMetrics
 
 
+CLIENT_AXIS = "clients"
+"""Name of the device-mesh axis that the sampled clients are sharded over."""
+
+
 def make_round_fn(
     algorithm: Algorithm,
     apply_fn: Callable,
@@ -228,6 +232,7 @@ def make_round_fn(
     clients_per_chunk: int | None,
     pad_id: int,
     uniform_weighting: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable:
     """Builds the whole round: local training of every sampled client, aggregation, server.
 
@@ -236,39 +241,40 @@ def make_round_fn(
       apply_fn: ``(frozen, params, tokens) -> logits``.
       schedule: static local-training shape.
       num_clients_total: client population size (rows of the client state store).
-      clients_per_chunk: clients vmapped together (None: all sampled clients at once).
+      clients_per_chunk: clients vmapped together on one device (None: all of that device's
+        sampled clients at once).
       pad_id: padding token id.
       uniform_weighting: aggregate with equal client weights.
+      mesh: optional device mesh with a `CLIENT_AXIS` axis of D devices. Each device then trains
+        C / D of the sampled clients (in chunks of `clients_per_chunk`) against a replicated
+        frozen base and broadcast, and the devices' running weighted sums are added with one
+        `psum`. The server update runs replicated. Results equal the one-device round up to the
+        order of floating-point additions.
 
     Returns:
       ``round_fn(frozen, server_state, client_store, data, client_ids, round_key, hparams)
       -> (server_state, client_store, RoundOutput)``, pure and ready for `jax.jit`.
     """
     client_update = make_client_update(algorithm, apply_fn, schedule, pad_id, uniform_weighting)
+    vmapped = jax.vmap(client_update, in_axes=(None, None, 0, None, 0, None, None))
 
-    def round_fn(frozen, server_state, client_store, data, client_ids, round_key, hparams):
+    def output_shape(frozen, broadcast, client_states, data, client_ids, round_key, hparams):
+        one_state = jax.tree.map(lambda s: s[0], client_states)
+        return jax.eval_shape(
+            lambda: client_update(
+                frozen, broadcast, one_state, data, client_ids[0], round_key, hparams
+            )[0]
+        )
+
+    def train_clients(*args):
+        """Trains the given clients chunk by chunk; returns their weighted sum and outputs."""
+        frozen, broadcast, client_states, data, client_ids, round_key, hparams = args
         num_sampled = client_ids.shape[0]
         chunk = clients_per_chunk or num_sampled
         num_chunks = num_sampled // chunk
-        broadcast = algorithm.broadcast(server_state)
-        client_states = jax.tree.map(lambda s: s[client_ids], client_store)
 
         def chunked(x):
             return x.reshape((num_chunks, chunk) + x.shape[1:])
-
-        vmapped = jax.vmap(client_update, in_axes=(None, None, 0, None, 0, None, None))
-        output_like = jax.eval_shape(
-            lambda: client_update(
-                frozen,
-                broadcast,
-                jax.tree.map(lambda s: s[0], client_states),
-                data,
-                client_ids[0],
-                round_key,
-                hparams,
-            )[0]
-        )
-        sums = weighted_sum_init(output_like)
 
         def chunk_step(sums, inputs):
             ids, states = inputs
@@ -278,10 +284,36 @@ def make_round_fn(
             return weighted_sum_update(sums, outputs, weights), (new_states, weights, metrics)
 
         sums, (new_states, weights, metrics) = jax.lax.scan(
-            chunk_step, sums, (chunked(client_ids), jax.tree.map(chunked, client_states))
+            chunk_step,
+            weighted_sum_init(output_shape(*args)),
+            (chunked(client_ids), jax.tree.map(chunked, client_states)),
         )
         unchunk = functools.partial(jax.tree.map, lambda x: x.reshape((-1,) + x.shape[2:]))
-        new_states, weights, metrics = unchunk(new_states), unchunk(weights), unchunk(metrics)
+        return sums, unchunk(new_states), unchunk(weights), unchunk(metrics)
+
+    train_all = train_clients
+    if mesh is not None:
+        P = jax.sharding.PartitionSpec
+
+        def train_local_clients(*args):
+            sums, new_states, weights, metrics = train_clients(*args)
+            return jax.lax.psum(sums, CLIENT_AXIS), new_states, weights, metrics
+
+        shard = P(CLIENT_AXIS)
+        train_all = jax.shard_map(
+            train_local_clients,
+            mesh=mesh,
+            in_specs=(P(), P(), shard, P(), shard, P(), P()),
+            out_specs=(P(), shard, shard, shard),
+            check_vma=False,
+        )
+
+    def round_fn(frozen, server_state, client_store, data, client_ids, round_key, hparams):
+        broadcast = algorithm.broadcast(server_state)
+        client_states = jax.tree.map(lambda s: s[client_ids], client_store)
+        args = (frozen, broadcast, client_states, data, client_ids, round_key, hparams)
+        sums, new_states, weights, metrics = train_all(*args)
+        output_like = output_shape(*args)
         return finish_round(
             algorithm,
             num_clients_total,

@@ -48,7 +48,7 @@ from fedjax_llm.models.hf_loader import ModelLoadError, load_pretrained
 from fedjax_llm.models.llama import LlamaConfig, count_params, init_params
 from fedjax_llm.models.trainable import Trainable, make_trainable
 from fedjax_llm.optimizers import client_learning_rate
-from fedjax_llm.round import ClientData, LocalSchedule, make_round_fn, round_hparams
+from fedjax_llm.round import CLIENT_AXIS, ClientData, LocalSchedule, make_round_fn, round_hparams
 from fedjax_llm.sampling import sample_clients
 
 PyTree = Any
@@ -122,12 +122,14 @@ class Simulation:
             max_client_examples=int(train.client_count.max()),
             local_epochs=c.local_epochs,
         )
+        self.mesh = client_mesh(config)
         round_fn = make_round_fn(
             self.algorithm,
             self.trainable.apply,
             self.schedule,
             num_clients_total=self.num_clients,
             clients_per_chunk=config.run.clients_per_chunk,
+            mesh=self.mesh,
             pad_id=self.tokenizer.pad_id,
             uniform_weighting=config.algorithm.weighting == "uniform",
         )
@@ -352,7 +354,8 @@ class Simulation:
             f"model: {count_params(init_params_shape(self.model_config))} params, trainable "
             f"({c.trainable.mode}): {count_params(self.params)}; algorithm {c.algorithm.name}; "
             f"{c.run.num_clients_per_round} of {self.num_clients} clients per round; "
-            f"devices: {jax.devices()}"
+            f"clients sharded over {1 if self.mesh is None else self.mesh.size} of "
+            f"{jax.device_count()} device(s): {jax.devices()[0].device_kind}"
         )
 
     def _write_summary(self, progress: RoundProgress) -> None:
@@ -422,6 +425,30 @@ def build_model(config: ExperimentConfig, key: jax.Array) -> tuple[LlamaConfig, 
             f"{tokenizer.vocab_size} tokens; set model.vocab_size >= {tokenizer.vocab_size}."
         )
     return model_config, base, tokenizer
+
+
+def client_mesh(config: ExperimentConfig) -> jax.sharding.Mesh | None:
+    """The device mesh the sampled clients are sharded over, or None for one device.
+
+    Raises:
+      ConfigError: if more devices are asked for than exist, or they do not divide the clients
+        of a round into whole chunks.
+    """
+    available = jax.local_devices()
+    count = config.run.devices or len(available)
+    if count > len(available):
+        raise ConfigError(
+            f"run.devices={count} but this host has {len(available)} device(s): {available}."
+        )
+    chunk = config.run.clients_per_chunk or 1
+    if config.run.num_clients_per_round % (count * chunk):
+        raise ConfigError(
+            f"run.num_clients_per_round={config.run.num_clients_per_round} is not a multiple of "
+            f"{count} devices x run.clients_per_chunk {chunk}; set run.devices to a divisor."
+        )
+    if count == 1:
+        return None
+    return jax.sharding.Mesh(np.asarray(available[:count]), (CLIENT_AXIS,))
 
 
 def build_trainable(config: ExperimentConfig, model_config: LlamaConfig) -> Trainable:

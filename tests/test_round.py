@@ -14,6 +14,7 @@ from fedjax_llm.algorithms.base import RoundInfo
 from fedjax_llm.models.llama import LlamaConfig, init_params
 from fedjax_llm.models.trainable import make_trainable
 from fedjax_llm.round import (
+    CLIENT_AXIS,
     ClientData,
     LocalSchedule,
     client_batch_indices,
@@ -199,6 +200,23 @@ def test_vmapped_round_equals_sequential_loop_and_any_chunking(algorithm):
         )
     )
     results["reversed"] = round_fn(frozen, server_state, store, data, ids[::-1], key, hparams)
+    # Clients sharded over 2 or 4 devices (conftest forces 8 host devices).
+    for devices, chunk in ((2, None), (2, 1), (4, None)):
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), (CLIENT_AXIS,))
+        round_fn = jax.jit(
+            make_round_fn(
+                alg,
+                trainable.apply,
+                schedule,
+                num_clients_total=8,
+                clients_per_chunk=chunk,
+                pad_id=PAD,
+                mesh=mesh,
+            )
+        )
+        name = f"{devices} devices, chunk {chunk}"
+        results[name] = round_fn(frozen, server_state, store, data, ids, key, hparams)
+        np.testing.assert_array_equal(results[name][2].weights, results[None][2].weights)
 
     # Sequential reference: one jitted client update per client, then aggregate by hand.
     client_update = jax.jit(make_client_update(alg, trainable.apply, schedule, PAD))

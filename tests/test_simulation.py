@@ -154,3 +154,28 @@ def test_partition_statistics_are_written(make_config):
     stats = json.load(open(os.path.join(config.run.output_dir, "partition.json")))
     assert stats["num_clients"] == 8
     assert stats["client_label_entropy_mean"] < stats["global_label_entropy"]
+
+
+def test_clients_sharded_over_devices_match_one_device(make_config):
+    """conftest forces 8 host devices: a run sharded over 4 equals the one-device run."""
+    # SGD: AdamW's normalization would amplify float rounding of near-zero gradients.
+    client = {"optimizer": "sgd", "lr": 0.5}
+    one = Simulation(make_config(run={"num_rounds": 2}, client=client), verbose=False)
+    sharded = Simulation(
+        make_config(run={"num_rounds": 2, "devices": 4}, client=client), verbose=False
+    )
+    assert sharded.mesh is not None and sharded.mesh.size == 4
+    history_one, history_sharded = one.run(), sharded.run()
+    np.testing.assert_allclose(
+        [h["train_loss"] for h in history_one[1:]],
+        [h["train_loss"] for h in history_sharded[1:]],
+        rtol=1e-5,
+    )
+    chex.assert_trees_all_close(one.params, sharded.params, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ConfigError, match="multiple"):
+        make_config(run={"devices": 3}).validate()
+    with pytest.raises(ConfigError, match="device"):
+        Simulation(
+            make_config(run={"devices": 16, "num_clients_per_round": 16}, data={"num_clients": 16}),
+            verbose=False,
+        )
