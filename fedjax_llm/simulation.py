@@ -525,9 +525,8 @@ def build_data(d: DataConfig, tokenizer: Tokenizer) -> TaskData:
         raise ConfigError(f"data: {err}") from None
 
 
-def _read_global_params(run_dir: str, like: PyTree, what: str) -> tuple[PyTree, dict, int]:
-    """Reads the global trainable params of a run's newest checkpoint into the structure of
-    ``like``; returns (params, checkpoint metadata, round)."""
+def _restore_latest(run_dir: str, what: str) -> tuple[dict, dict, int]:
+    """The newest checkpoint of a run as (flat arrays, metadata, round)."""
     checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
     try:
         latest = checkpointer.latest_round()
@@ -539,6 +538,11 @@ def _read_global_params(run_dir: str, like: PyTree, what: str) -> tuple[PyTree, 
         raw, meta = checkpointer.restore_raw(latest)
     finally:
         checkpointer.close()
+    return raw, meta, latest
+
+
+def _global_params(raw: dict, like: PyTree, what: str, run_dir: str) -> PyTree:
+    """The global trainable params of a restored checkpoint, in the structure of ``like``."""
     prefix = "['server_state'].params"
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
     missing = [p for p, _ in leaves if prefix + jax.tree_util.keystr(p) not in raw]
@@ -548,7 +552,7 @@ def _read_global_params(run_dir: str, like: PyTree, what: str) -> tuple[PyTree, 
             "was made with another trainable mode or model."
         )
     values = [jnp.asarray(raw[prefix + jax.tree_util.keystr(p)]) for p, _ in leaves]
-    return jax.tree_util.tree_unflatten(treedef, values), meta, latest
+    return jax.tree_util.tree_unflatten(treedef, values)
 
 
 def load_base_params(run_dir: str, config: ExperimentConfig, like: PyTree) -> PyTree:
@@ -565,7 +569,7 @@ def load_base_params(run_dir: str, config: ExperimentConfig, like: PyTree) -> Py
     Raises:
       ConfigError: if the run has no checkpoint, was not a ``full`` run, or used another model.
     """
-    params, meta, _ = _read_global_params(run_dir, like, "trainable.base_run")
+    raw, meta, _ = _restore_latest(run_dir, "trainable.base_run")
     if meta.get("trainable_mode") != "full":
         raise ConfigError(
             f"trainable.base_run={run_dir!r} trained {meta.get('trainable_mode')!r}, not 'full'; "
@@ -586,7 +590,7 @@ def load_base_params(run_dir: str, config: ExperimentConfig, like: PyTree) -> Py
     ]
     if diffs:
         raise ConfigError(f"trainable.base_run={run_dir!r} used another model: {diffs}.")
-    return params
+    return _global_params(raw, like, "trainable.base_run", run_dir)
 
 
 class TrainedModel(NamedTuple):
@@ -637,7 +641,8 @@ def load_trained(run_dir: str) -> TrainedModel:
     if t.base_run is not None:
         base = load_base_params(t.base_run, config, base)
     like = jax.eval_shape(trainable.init, trainable_key, base)
-    params, _, round_num = _read_global_params(run_dir, like, "run directory")
+    raw, _, round_num = _restore_latest(run_dir, "run directory")
+    params = _global_params(raw, like, "run directory", run_dir)
     return TrainedModel(
         config, model_config, trainable, trainable.frozen(base), params, tokenizer, round_num
     )
