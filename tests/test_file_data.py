@@ -277,7 +277,7 @@ def test_byte_tokenizer_with_template(tmp_path):
 def test_missing_template_error(tmp_path):
     base = load_tokenizer(write_tiny_tokenizer(tmp_path / "base", chat_template=False))
     root = dolly_users(tmp_path / "users", [6, 6])
-    with pytest.raises(ValueError, match=r"no chat template.*format='text'"):
+    with pytest.raises(ValueError, match=r"no chat template.*format text"):
         build(root, base)
     # The suggested fix: train on a text column instead.
     data = build(root, base, format="text", text_column="response", pack=False)

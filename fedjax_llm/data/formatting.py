@@ -205,10 +205,9 @@ def records_to_conversations(loaded: LoadedDataset) -> list[list[dict[str, str]]
 def _no_template_error(tokenizer: Any) -> ValueError:
     return ValueError(
         f"tokenizer {type(tokenizer).__name__} has no chat template, so instruction records "
-        "cannot be formatted. Pass chat_template=... (a Jinja template; "
-        "fedjax_llm.data.CHATML_TEMPLATE works for any tokenizer), load the tokenizer with "
-        "load_tokenizer(path, chat_template=...), or train on the records as plain text "
-        "(format='text')."
+        "cannot be formatted. Give a Jinja chat template (config: --data.chat_template FILE; "
+        "Python: chat_template=..., e.g. fedjax_llm.data.CHATML_TEMPLATE, which works for any "
+        "tokenizer), or train on the records as plain text (--data.format text)."
     )
 
 
