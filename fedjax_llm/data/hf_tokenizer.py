@@ -207,9 +207,10 @@ class HFTokenizer:
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError(
-                f"tokenizer {type(self.tokenizer).__name__} has no chat template; pass "
-                "chat_template=... (a Jinja template, e.g. fedjax_llm.data.CHATML_TEMPLATE) to "
-                "load_tokenizer / HFTokenizer, or format the data as plain text (format='text')."
+                f"tokenizer {type(self.tokenizer).__name__} has no chat template; give one "
+                "(config: --data.chat_template FILE; Python: chat_template=... to "
+                "load_tokenizer / HFTokenizer, e.g. fedjax_llm.data.CHATML_TEMPLATE), or train "
+                "on the data as plain text (--data.format text)."
             )
         return self.tokenizer.apply_chat_template(
             [dict(m) for m in messages],
