@@ -79,7 +79,7 @@ def _real_config(make_config, model_dir, dolly_file, **sections):
     )
 
 
-@pytest.mark.parametrize("mode", ["lora", "soft_prompt"])
+@pytest.mark.parametrize("mode", ["lora", "soft_prompt", "prefix", "full"])
 def test_federated_tuning_of_a_pretrained_model_on_a_file(make_config, model_dir, dolly_file, mode):
     trainable = {"mode": mode, "lora_rank": 4, "num_virtual_tokens": 4}
     config = _real_config(
