@@ -176,3 +176,22 @@ def test_bad_arguments():
         generate(CONFIG, params, prompts, mask, max_new_tokens=2, eos_id=1, pad_id=0, top_p=0.0)
     with pytest.raises(ValueError, match="do not fit"):
         llama.apply(CONFIG, params, jnp.ones((1, 5), jnp.int32), cache=init_cache(CONFIG, 1, 4))
+
+
+def test_one_new_token_is_the_first_of_several():
+    trainable, frozen, params = _setup("prefix")
+    base, kwargs = trainable.model_inputs(frozen, params)
+    prompts, mask = left_align_prompts(jnp.full((2, 4), 7), jnp.asarray([4, 2]), PAD)
+    run = lambda n: np.asarray(  # noqa: E731
+        generate(
+            CONFIG,
+            base,
+            prompts,
+            mask,
+            max_new_tokens=n,
+            eos_id=-1,
+            pad_id=PAD,
+            model_kwargs=kwargs,
+        )
+    )
+    np.testing.assert_array_equal(run(1), run(3)[:, :1])

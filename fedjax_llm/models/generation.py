@@ -129,15 +129,19 @@ def generate(
     )
     model_kwargs.pop("prompt_embeddings", None)  # already in the cache
 
-    def step(carry, step_key):
-        cache, next_logits, done = carry
+    def pick(next_logits, step_key, done):
         token = sample_next_token(next_logits, step_key, temperature, top_p)
         token = jnp.where(done, pad_id, token)
-        done = done | (token == eos_id)
-        logits, cache = llama.apply(config, params, token[:, None], cache=cache, **model_kwargs)
-        return (cache, logits[:, -1], done), token
+        return token, done | (token == eos_id)
 
-    done = jnp.zeros((batch,), bool)
+    def step(carry, step_key):
+        # Feed the last token, then pick the next one: no forward pass after the final token.
+        cache, token, done = carry
+        logits, cache = llama.apply(config, params, token[:, None], cache=cache, **model_kwargs)
+        token, done = pick(logits[:, -1], step_key, done)
+        return (cache, token, done), token
+
     keys = jax.random.split(key, max_new_tokens)
-    _, tokens = jax.lax.scan(step, (cache, logits[:, -1], done), keys)
-    return tokens.T
+    first, done = pick(logits[:, -1], keys[0], jnp.zeros((batch,), bool))
+    _, rest = jax.lax.scan(step, (cache, first, done), keys[1:])
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
