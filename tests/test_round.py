@@ -180,42 +180,28 @@ def test_vmapped_round_equals_sequential_loop_and_any_chunking(algorithm):
         )
     server_state = alg.server_init(lora)
 
-    results = {}
-    for chunk in (None, 2, 1):
-        round_fn = jax.jit(
-            make_round_fn(
-                alg,
-                trainable.apply,
-                schedule,
-                num_clients_total=8,
-                clients_per_chunk=chunk,
-                pad_id=PAD,
-            )
+    def run_round(chunk, devices=1, client_ids=ids):
+        mesh = None
+        if devices > 1:  # conftest forces 8 host devices
+            mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), (CLIENT_AXIS,))
+        round_fn = make_round_fn(
+            alg,
+            trainable.apply,
+            schedule,
+            num_clients_total=8,
+            clients_per_chunk=chunk,
+            pad_id=PAD,
+            mesh=mesh,
         )
-        results[chunk] = round_fn(frozen, server_state, store, data, ids, key, hparams)
+        return jax.jit(round_fn)(frozen, server_state, store, data, client_ids, key, hparams)
+
+    results = {chunk: run_round(chunk) for chunk in (None, 2, 1)}
     # Reversed client order gives the same result.
-    round_fn = jax.jit(
-        make_round_fn(
-            alg, trainable.apply, schedule, num_clients_total=8, clients_per_chunk=None, pad_id=PAD
-        )
-    )
-    results["reversed"] = round_fn(frozen, server_state, store, data, ids[::-1], key, hparams)
-    # Clients sharded over 2 or 4 devices (conftest forces 8 host devices).
+    results["reversed"] = run_round(None, client_ids=ids[::-1])
+    # Clients sharded over 2 or 4 devices.
     for devices, chunk in ((2, None), (2, 1), (4, None)):
-        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), (CLIENT_AXIS,))
-        round_fn = jax.jit(
-            make_round_fn(
-                alg,
-                trainable.apply,
-                schedule,
-                num_clients_total=8,
-                clients_per_chunk=chunk,
-                pad_id=PAD,
-                mesh=mesh,
-            )
-        )
         name = f"{devices} devices, chunk {chunk}"
-        results[name] = round_fn(frozen, server_state, store, data, ids, key, hparams)
+        results[name] = run_round(chunk, devices)
         np.testing.assert_array_equal(results[name][2].weights, results[None][2].weights)
 
     # Sequential reference: one jitted client update per client, then aggregate by hand.
