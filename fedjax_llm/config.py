@@ -363,12 +363,7 @@ class ExperimentConfig:
                 f"run.num_clients_per_round={self.run.num_clients_per_round} (or null for one "
                 "chunk of all sampled clients)."
             )
-        if self.run.num_clients_per_round % (devices * (chunk or 1)):
-            raise ConfigError(
-                f"run.num_clients_per_round={self.run.num_clients_per_round} must be a multiple "
-                f"of run.devices x run.clients_per_chunk = {devices} x {chunk or 1}, so every "
-                "device trains the same number of whole chunks."
-            )
+        check_client_split(self.run, devices)
         if self.run.stop_after is not None and self.run.stop_after <= 0:
             raise ConfigError(f"run.stop_after={self.run.stop_after} must be positive or null.")
         if self.client.local_epochs is not None and self.client.local_epochs <= 0:
@@ -405,6 +400,21 @@ class ExperimentConfig:
                 f"data.task_families: unknown {bad}; valid choices are {sorted(TASK_FAMILIES)}."
             )
         return self
+
+
+def check_client_split(run: RunConfig, devices: int) -> None:
+    """Checks that `devices` devices split a round's clients into equal whole chunks.
+
+    Raises:
+      ConfigError: if ``run.num_clients_per_round`` is not a multiple of devices x chunk.
+    """
+    chunk = run.clients_per_chunk or 1
+    if run.num_clients_per_round % (devices * chunk):
+        raise ConfigError(
+            f"run.num_clients_per_round={run.num_clients_per_round} must be a multiple of "
+            f"run.devices x run.clients_per_chunk = {devices} x {chunk}, so every device trains "
+            "the same number of whole chunks."
+        )
 
 
 def _positive(config: ExperimentConfig, *keys: str) -> None:

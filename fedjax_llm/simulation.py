@@ -24,6 +24,7 @@ from fedjax_llm.config import (
     ConfigError,
     DataConfig,
     ExperimentConfig,
+    check_client_split,
     config_to_dict,
     dump_config,
 )
@@ -86,9 +87,9 @@ class Simulation:
         self.config = config.validate()
         self.verbose = verbose
         self.run_dir = config.run.output_dir
-        root = jax.random.key(config.run.seed)
-        init_key, trainable_key, self.train_key = jax.random.split(root, 3)
-        self.model_config, base, self.tokenizer = build_model(config, init_key)
+        init_key, trainable_key, self.train_key = run_keys(config)
+        self.mesh = client_mesh(config)
+        self.model_config, base, self.tokenizer, self.trainable = build_model(config, init_key)
         self.data: TaskData = build_data(config.data, self.tokenizer)
         self.num_clients = self.data.train.num_clients
         if config.run.num_clients_per_round > self.num_clients:
@@ -96,10 +97,6 @@ class Simulation:
                 f"run.num_clients_per_round={config.run.num_clients_per_round} exceeds the "
                 f"{self.num_clients} clients of the data; sample fewer clients per round."
             )
-        t = config.trainable
-        self.trainable: Trainable = build_trainable(config, self.model_config)
-        if t.base_run is not None:
-            base = load_base_params(t.base_run, config, base)
         params = self.trainable.init(trainable_key, base)
         self.frozen = self.trainable.frozen(base)
         self.algorithm = algorithm or build_algorithm(config)
@@ -122,7 +119,6 @@ class Simulation:
             max_client_examples=int(train.client_count.max()),
             local_epochs=c.local_epochs,
         )
-        self.mesh = client_mesh(config)
         round_fn = make_round_fn(
             self.algorithm,
             self.trainable.apply,
@@ -388,21 +384,38 @@ def init_params_shape(model_config: LlamaConfig) -> PyTree:
     return jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
 
 
-def build_model(config: ExperimentConfig, key: jax.Array) -> tuple[LlamaConfig, PyTree, Tokenizer]:
-    """The base model and its tokenizer: a local pretrained directory, or a random byte-level one.
+class RunKeys(NamedTuple):
+    """The independent PRNG keys a run derives from ``run.seed``."""
+
+    init: jax.Array  # a random base model's init
+    trainable: jax.Array  # the trainable part's init (LoRA A, soft prompt, prefix)
+    train: jax.Array  # rounds: fold_in(train, round), then per client
+
+
+def run_keys(config: ExperimentConfig) -> RunKeys:
+    """Splits the root key of ``run.seed``; a run and `load_trained` must agree on it."""
+    return RunKeys(*jax.random.split(jax.random.key(config.run.seed), 3))
+
+
+def build_model(
+    config: ExperimentConfig, key: jax.Array
+) -> tuple[LlamaConfig, PyTree, Tokenizer, Trainable]:
+    """The base model, its tokenizer and what clients train on it.
+
+    The base is a local pretrained directory (``pretrained.path``) or a random byte-level Llama,
+    replaced by the final params of ``trainable.base_run`` when that is set.
 
     Args:
-      config: the experiment; ``pretrained.path`` picks a Hugging Face-format directory.
+      config: the experiment.
       key: init key of a random model.
 
     Returns:
-      (architecture, base params, tokenizer).
+      (architecture, base params, tokenizer, trainable).
 
     Raises:
       ConfigError: if the directory cannot be loaded (the message names the file, tensor or
-        field) or the vocabulary is smaller than the tokenizer's.
+        field), the vocabulary is smaller than the tokenizer's, or the base run does not fit.
     """
-    chat_template = _read_chat_template(config.data.chat_template)
     if config.pretrained.path is None:
         model_config = config.model
         base = init_params(model_config, key)
@@ -416,6 +429,7 @@ def build_model(config: ExperimentConfig, key: jax.Array) -> tuple[LlamaConfig, 
                 load_dtype=config.pretrained.load_dtype,
                 scan_unroll=config.model.scan_unroll,
             )
+            chat_template = _read_chat_template(config.data.chat_template)
             tokenizer = load_tokenizer(config.pretrained.path, chat_template=chat_template)
         except (ModelLoadError, ValueError, FileNotFoundError) as err:
             raise ConfigError(f"pretrained.path: {err}") from None
@@ -424,7 +438,9 @@ def build_model(config: ExperimentConfig, key: jax.Array) -> tuple[LlamaConfig, 
             f"the model's vocabulary ({model_config.vocab_size}) is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} tokens; set model.vocab_size >= {tokenizer.vocab_size}."
         )
-    return model_config, base, tokenizer
+    if config.trainable.base_run is not None:
+        base = load_base_params(config.trainable.base_run, config, base)
+    return model_config, base, tokenizer, build_trainable(config, model_config)
 
 
 def client_mesh(config: ExperimentConfig) -> jax.sharding.Mesh | None:
@@ -440,12 +456,7 @@ def client_mesh(config: ExperimentConfig) -> jax.sharding.Mesh | None:
         raise ConfigError(
             f"run.devices={count} but this host has {len(available)} device(s): {available}."
         )
-    chunk = config.run.clients_per_chunk or 1
-    if config.run.num_clients_per_round % (count * chunk):
-        raise ConfigError(
-            f"run.num_clients_per_round={config.run.num_clients_per_round} is not a multiple of "
-            f"{count} devices x run.clients_per_chunk {chunk}; set run.devices to a divisor."
-        )
+    check_client_split(config.run, count)
     if count == 1:
         return None
     return jax.sharding.Mesh(np.asarray(available[:count]), (CLIENT_AXIS,))
@@ -518,7 +529,10 @@ def build_data(d: DataConfig, tokenizer: Tokenizer) -> TaskData:
             pack=d.pack,
             seed=d.seed,
             loss_on=d.loss_on,
-            chat_template=_read_chat_template(d.chat_template),
+            # A pretrained tokenizer was loaded with the template already (see build_model).
+            chat_template=None
+            if getattr(tokenizer, "has_chat_template", False)
+            else _read_chat_template(d.chat_template),
             sample_by=d.sample_by,
         )
     except (ValueError, FileNotFoundError) as err:
@@ -634,13 +648,9 @@ def load_trained(run_dir: str) -> TrainedModel:
     from fedjax_llm.config import load_config
 
     config = load_config(config_path)
-    init_key, trainable_key, _ = jax.random.split(jax.random.key(config.run.seed), 3)
-    model_config, base, tokenizer = build_model(config, init_key)
-    t = config.trainable
-    trainable = build_trainable(config, model_config)
-    if t.base_run is not None:
-        base = load_base_params(t.base_run, config, base)
-    like = jax.eval_shape(trainable.init, trainable_key, base)
+    keys = run_keys(config)
+    model_config, base, tokenizer, trainable = build_model(config, keys.init)
+    like = jax.eval_shape(trainable.init, keys.trainable, base)
     raw, _, round_num = _restore_latest(run_dir, "run directory")
     params = _global_params(raw, like, "run directory", run_dir)
     return TrainedModel(
