@@ -3,40 +3,65 @@
 The frozen base is an argument shared by every client (never copied per client); the
 trainable part carries a leading client axis. Local training is a `jax.lax.scan` over local
 steps inside a `jax.vmap` over a chunk of clients; chunks run in a `jax.lax.scan` whose carry is
-the running weighted sum of client outputs, so memory is that of one chunk. Aggregation and the
-server update follow in the same program. Each client draws its own batches on the device from
+the aggregator's running sums, so memory is that of one chunk. The aggregation pipeline
+(`fedjax_llm.pipeline`: upload transforms, a streaming or gathering aggregator, a keyed
+finalize) and the server update follow in the same program.
+
+The sampled clients sit on a padded client axis (`fedjax_llm.sampling.Cohort`): padding slots
+and clients whose upload is lost contribute exactly nothing and keep their stored state, and
+chunks that hold only padding are skipped. Each client draws its own batches on the device from
 its slice of the dataset with its own key ``fold_in(round_key, client_id)``, so results do not
-depend on chunk size or on the order clients are processed in.
+depend on chunk size, device count or the order clients are processed in.
+
+Keys of a round (all derived from ``round_key``, none used twice): client i's key
+``k_i = fold_in(round_key, i)`` splits into its batch-order key and its local-step keys, and
+``fold_in(k_i, 2)`` is its upload-transform key; the server side uses
+``fold_in(round_key, 2**32 - 1)`` (client ids are below it), split into the aggregator's,
+the transform update's and the server update's keys.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
 from fedjax_llm.algorithms.base import Algorithm, HyperParams, RoundInfo
-from kernels.aggregation import weighted_sum_finalize, weighted_sum_init, weighted_sum_update
+from fedjax_llm.objectives import LOSS_SUM, LOSS_WEIGHT, Objective, check_fields
+from fedjax_llm.pipeline import (
+    AggregationPipeline,
+    Gathered,
+    PipelineState,
+    default_pipeline,
+    init_pipeline_state,
+    merge_hyperparams,
+)
+from fedjax_llm.sampling import Cohort
+from kernels.pytree import PyTree
 
-PyTree = Any
+SERVER_STREAM = 2**32 - 1
+"""``fold_in`` data of the round's server-side key (client ids are always below it)."""
+UPLOAD_STREAM = 2
+"""``fold_in`` data of a client's upload-transform key (its key's split uses 0 and 1)."""
+CLIENT_AXIS = "clients"
+"""Name of the device-mesh axis that the sampled clients are sharded over."""
 
 
 class ClientData(NamedTuple):
     """The training examples of all clients, resident on the device.
 
     Attributes:
-      tokens: ``[N, T]`` int32, each client's examples contiguous.
-      loss_mask: ``[N, T]`` float32, 1 at target (response) positions.
+      examples: dict of per-example arrays ``[N, ...]``, each client's examples contiguous
+        (``tokens`` and ``loss_mask`` for language modelling; whatever the objective reads).
       client_start: ``[M]`` int32 index of each client's first example.
       client_count: ``[M]`` int32 number of examples of each client (>= 1).
     """
 
-    tokens: jax.Array
-    loss_mask: jax.Array
+    examples: dict
     client_start: jax.Array
     client_count: jax.Array
 
@@ -50,50 +75,77 @@ class LocalSchedule(NamedTuple):
       max_client_examples: largest client size (static bound for on-device shuffling).
       local_epochs: if set, client i's example budget is ``ceil(local_epochs * n_i)`` (at
         most ``K * B``); otherwise every client uses ``K * B`` examples.
+      shuffle: shuffle each client's examples every round (off: their stored order).
     """
 
     local_steps: int
     batch_size: int
     max_client_examples: int
     local_epochs: float | None = None
+    shuffle: bool = True
 
 
-class ClientMetrics(NamedTuple):
-    """Per-client sums over its local steps."""
+class ClientStates(NamedTuple):
+    """Persistent per-client state: the algorithm's (SCAFFOLD's control) and the upload
+    transforms' (error feedback). In the store each leaf has a leading client axis."""
 
-    loss_sum: jax.Array
-    target_tokens: jax.Array
-    tokens: jax.Array
-    steps: jax.Array
-    examples: jax.Array
+    algorithm: PyTree
+    transform: PyTree
 
 
-def lm_loss(
-    apply_fn: Callable, frozen: PyTree, params: PyTree, batch: dict, pad_id: int
-) -> tuple[jax.Array, dict]:
-    """Next-token cross entropy on target positions, masked per example.
+class RoundState(NamedTuple):
+    """Everything a round updates.
 
-    Args:
-      apply_fn: ``(frozen, params, tokens) -> logits``.
-      frozen: the shared frozen base.
-      params: trainable params.
-      batch: ``tokens`` [B, T], ``loss_mask`` [B, T] (1 at positions whose token is a target),
-        ``example_weight`` [B] (0 for padding examples).
-      pad_id: padding token id (for counting processed tokens).
-
-    Returns:
-      The mean loss over weighted target tokens and metrics sums (``loss_sum``,
-      ``target_tokens``, ``tokens``).
+    Attributes:
+      server: the algorithm's server state (global params, server optimizer, ...).
+      pipeline: the aggregation pipeline's server-side `PipelineState`.
+      clients: the per-client store, `ClientStates` with a leading ``[num_clients_total]``
+        axis.
     """
-    tokens = batch["tokens"]
-    logits = apply_fn(frozen, params, tokens)[:, :-1].astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    weight = batch["loss_mask"][:, 1:] * batch["example_weight"][:, None]
-    loss_sum = jnp.sum(ce * weight)
-    target_tokens = jnp.sum(weight)
-    processed = jnp.sum((tokens != pad_id) * batch["example_weight"][:, None])
-    loss = loss_sum / jnp.maximum(target_tokens, 1.0)
-    return loss, {"loss_sum": loss_sum, "target_tokens": target_tokens, "tokens": processed}
+
+    server: PyTree
+    pipeline: PipelineState
+    clients: ClientStates
+
+
+class ClientResult(NamedTuple):
+    """What one client's round produces.
+
+    Attributes:
+      upload: the transformed `ClientOutput`.
+      state: its new `ClientStates` (committed only if its upload was delivered).
+      weight: its aggregation weight (0 unless delivered and it took a step).
+      metrics: the objective's metric sums over its local steps, plus ``steps`` and
+        ``examples`` (0 for padding slots).
+      stats: the upload transforms' per-client stats (0 unless delivered).
+    """
+
+    upload: PyTree
+    state: ClientStates
+    weight: jax.Array
+    metrics: dict
+    stats: dict
+
+
+class RoundOutput(NamedTuple):
+    """What a round returns besides the new state.
+
+    Attributes:
+      train_loss: the weighted mean local training loss over all participating clients and
+        steps (``sum loss_sum / sum loss_weight``).
+      client_loss: ``[C]`` each slot's mean local loss (padding slots: 0).
+      weights: ``[C]`` aggregation weights used.
+      participating: ``[C]`` which slots held a sampled client.
+      metrics: the objective's metric sums and ``steps``/``examples`` summed over clients.
+      pipeline: the upload transforms' summed stats and the aggregator's metrics.
+    """
+
+    train_loss: jax.Array
+    client_loss: jax.Array
+    weights: jax.Array
+    participating: jax.Array
+    metrics: dict
+    pipeline: dict
 
 
 def client_batch_indices(
@@ -103,6 +155,7 @@ def client_batch_indices(
 
     The client's examples are shuffled once per round (top-k of random scores, masked to the
     client's size) and streamed in that order, cycling when a client has fewer than ``K * B``.
+    With ``schedule.shuffle`` off they are streamed in their stored order instead.
 
     Args:
       key: the client's key for this round.
@@ -115,12 +168,15 @@ def client_batch_indices(
       client's budget) and ``step_mask`` [K] (1 for steps with at least one example).
     """
     k, b = schedule.local_steps, schedule.batch_size
-    draws = min(k * b, schedule.max_client_examples)
-    scores = jax.random.uniform(key, (schedule.max_client_examples,))
-    scores = jnp.where(jnp.arange(schedule.max_client_examples) < count, scores, -1.0)
-    _, order = jax.lax.top_k(scores, draws)
     position = jnp.arange(k * b)
-    local = order[position % jnp.minimum(count, draws)]
+    if schedule.shuffle:
+        draws = min(k * b, schedule.max_client_examples)
+        scores = jax.random.uniform(key, (schedule.max_client_examples,))
+        scores = jnp.where(jnp.arange(schedule.max_client_examples) < count, scores, -1.0)
+        _, order = jax.lax.top_k(scores, draws)
+        local = order[position % jnp.minimum(count, draws)]
+    else:
+        local = position % count
     if schedule.local_epochs is None:
         budget = k * b
     else:
@@ -136,101 +192,187 @@ def _tree_where(condition: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTr
 
 def make_client_update(
     algorithm: Algorithm,
-    apply_fn: Callable,
+    objective: Objective,
     schedule: LocalSchedule,
-    pad_id: int,
+    pipeline: AggregationPipeline | None = None,
     uniform_weighting: bool = False,
 ) -> Callable:
-    """Builds one client's whole round of local training as a pure function.
+    """Builds one client's whole round (local training and upload transform) as a pure function.
 
     Args:
       algorithm: the federated algorithm.
-      apply_fn: ``(frozen, params, tokens) -> logits``.
+      objective: the training objective.
       schedule: static local-training shape.
-      pad_id: padding token id.
-      uniform_weighting: weight every participating client 1 instead of by its example count.
+      pipeline: the aggregation pipeline (its upload transform runs here, per client).
+      uniform_weighting: weight every delivered client 1 instead of by its example count.
 
     Returns:
-      ``client_update(frozen, broadcast, client_state, data, client_id, round_key, hparams)
-      -> (ClientOutput, new_client_state, weight, ClientMetrics)``. It is what the round
+      ``client_update(frozen, broadcast, transform_state, client_state, data, client_id,
+      participating, delivered, round_key, hparams) -> ClientResult``. It is what the round
       vmaps over clients, and can be jitted alone to train clients one at a time.
     """
-    loss_fn_of = functools.partial(lm_loss, apply_fn)
+    transform = (pipeline or default_pipeline()).transform
 
-    def client_update(frozen, broadcast, client_state, data, client_id, round_key, hparams):
+    def client_update(
+        frozen,
+        broadcast,
+        transform_state,
+        client_state,
+        data,
+        client_id,
+        participating,
+        delivered,
+        round_key,
+        hparams,
+    ):
         key = jax.random.fold_in(round_key, client_id)
+        upload_key = jax.random.fold_in(jax.random.clone(key), UPLOAD_STREAM)
         data_key, step_key = jax.random.split(key)
         start, count = data.client_start[client_id], data.client_count[client_id]
         indices, example_mask, step_mask = client_batch_indices(data_key, start, count, schedule)
-        batches = {
-            "tokens": data.tokens[indices],
-            "loss_mask": data.loss_mask[indices],
-            "example_weight": example_mask,
-        }
+        batches = {name: x[indices] for name, x in data.examples.items()}
+        batches["example_weight"] = example_mask
 
         def loss_fn(params, batch, key):
-            del key  # the model has no dropout; the key is for algorithms that sample
-            return loss_fn_of(frozen, params, batch, pad_id)
+            return objective.loss(frozen, params, batch, key)
 
         def step(train_state, inputs):
             batch, valid, key = inputs
             new_state, metrics = algorithm.client_step(
-                broadcast, client_state, train_state, batch, key, loss_fn, hparams
+                broadcast, client_state.algorithm, train_state, batch, key, loss_fn, hparams
             )
             # A masked step (client out of data) leaves the state exactly as it was. Without
             # local_epochs every step is real, so skip the extra pass over the state.
             if schedule.local_epochs is not None:
                 new_state = _tree_where(valid, new_state, train_state)
-            train_state = new_state
-            metrics = {name: metrics[name] * valid for name in ClientMetrics._fields[:3]}
-            return train_state, metrics
+            metrics = {name: value * valid for name, value in metrics.items()}
+            return new_state, metrics
 
-        train_state = algorithm.client_init(broadcast, client_state, hparams)
+        train_state = algorithm.client_init(broadcast, client_state.algorithm, hparams)
         keys = jax.random.split(step_key, schedule.local_steps)
         train_state, metrics = jax.lax.scan(step, train_state, (batches, step_mask, keys))
-        output, new_client_state = algorithm.client_final(
-            broadcast, train_state, client_state, hparams
+        output, new_algorithm_state = algorithm.client_final(
+            broadcast, train_state, client_state.algorithm, hparams
         )
+        upload, new_transform_state, stats = transform.apply(
+            output, transform_state, client_state.transform, upload_key, hparams
+        )
+        participating = jnp.asarray(participating, jnp.float32)
+        delivered = jnp.asarray(delivered, jnp.float32)
         took_steps = (train_state.steps > 0).astype(jnp.float32)
         size = jnp.float32(1.0) if uniform_weighting else count.astype(jnp.float32)
-        client_metrics = ClientMetrics(
-            *(jnp.sum(metrics[name]) for name in ClientMetrics._fields[:3]),
-            steps=train_state.steps,
-            examples=jnp.sum(example_mask),
+        metrics = {name: jnp.sum(value) for name, value in metrics.items()}
+        metrics["steps"] = train_state.steps
+        metrics["examples"] = jnp.sum(example_mask)
+        # Padding slots report nothing (where, not a product, so that garbage cannot leak).
+        metrics = {name: jnp.where(participating > 0, v, 0) for name, v in metrics.items()}
+        return ClientResult(
+            upload=upload,
+            state=ClientStates(new_algorithm_state, new_transform_state),
+            weight=size * took_steps * delivered,
+            metrics=metrics,
+            stats={name: jnp.asarray(v, jnp.float32) * delivered for name, v in stats.items()},
         )
-        return output, new_client_state, size * took_steps, client_metrics
 
     return client_update
 
 
-class RoundOutput(NamedTuple):
-    """What a round returns besides the new states.
+def round_keys(round_key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The server-side keys of a round: (aggregator, transform update, server update)."""
+    server_key = jax.random.fold_in(jax.random.clone(round_key), SERVER_STREAM)
+    aggregator_key, transform_key, update_key = jax.random.split(server_key, 3)
+    return aggregator_key, transform_key, update_key
 
-    Attributes:
-      train_loss: token-weighted mean local training loss over all clients and steps.
-      client_loss: ``[C]`` each client's mean local loss.
-      weights: ``[C]`` aggregation weights used.
-      metrics: `ClientMetrics` summed over clients.
+
+def upload_shape(
+    algorithm: Algorithm,
+    pipeline: AggregationPipeline,
+    server_state: PyTree,
+    one_client_state: PyTree,
+    hparams: HyperParams,
+) -> PyTree:
+    """The shapes and dtypes of one client's `ClientOutput` (before upload transforms).
+
+    Args:
+      algorithm: the algorithm.
+      pipeline: the pipeline (unused for the shape; transforms must keep it).
+      server_state: the algorithm's server state (arrays or shape structs).
+      one_client_state: one client's algorithm state (no client axis).
+      hparams: a `HyperParams`.
+
+    Returns:
+      A pytree of `jax.ShapeDtypeStruct`.
     """
+    del pipeline
 
-    train_loss: jax.Array
-    client_loss: jax.Array
-    weights: jax.Array
-    metrics: ClientMetrics
+    def upload(server_state, one_client_state):
+        broadcast = algorithm.broadcast(server_state)
+        train_state = algorithm.client_init(broadcast, one_client_state, hparams)
+        return algorithm.client_final(broadcast, train_state, one_client_state, hparams)[0]
+
+    return jax.eval_shape(upload, server_state, one_client_state)
 
 
-CLIENT_AXIS = "clients"
-"""Name of the device-mesh axis that the sampled clients are sharded over."""
+def init_round_state(
+    algorithm: Algorithm,
+    params: PyTree,
+    num_clients_total: int,
+    pipeline: AggregationPipeline | None = None,
+    frozen: PyTree | None = None,
+    hparams: HyperParams | None = None,
+) -> RoundState:
+    """The state before the first round: server, pipeline and a store of per-client states.
+
+    Args:
+      algorithm: the algorithm.
+      params: the initial global trainable parameters.
+      num_clients_total: the population size (rows of the client store).
+      pipeline: the aggregation pipeline (default: weighted mean).
+      frozen: the frozen base, for algorithms whose server state holds it.
+      hparams: used for shape inference only (default: `round_hparams` defaults).
+
+    Returns:
+      The `RoundState`.
+    """
+    pipeline = pipeline or default_pipeline()
+    hparams = hparams or round_hparams(0.0, values=_default_values(algorithm, pipeline))
+    if algorithm.server_frozen is not None:
+        server = algorithm.server_init(params, frozen)
+    else:
+        server = algorithm.server_init(params)
+    one_state = algorithm.client_state_init(params)
+    like = upload_shape(algorithm, pipeline, server, one_state, hparams)
+    one_transform_state = pipeline.transform.client_init(like)
+
+    def stack(tree):
+        return jax.tree.map(
+            lambda x: jnp.zeros((num_clients_total,) + jnp.shape(x), jnp.asarray(x).dtype) + x,
+            tree,
+        )
+
+    return RoundState(
+        server=server,
+        pipeline=init_pipeline_state(pipeline, like),
+        clients=ClientStates(stack(one_state), stack(one_transform_state)),
+    )
+
+
+def _default_values(algorithm: Algorithm, pipeline: AggregationPipeline) -> dict:
+    return merge_hyperparams(algorithm.hyperparams, pipeline.hyperparams)
+
+
+def _frozen_of(algorithm: Algorithm, frozen: PyTree, server_state: PyTree) -> PyTree:
+    return frozen if algorithm.server_frozen is None else algorithm.server_frozen(server_state)
 
 
 def make_round_fn(
     algorithm: Algorithm,
-    apply_fn: Callable,
+    objective: Objective,
     schedule: LocalSchedule,
     *,
     num_clients_total: int,
     clients_per_chunk: int | None,
-    pad_id: int,
+    pipeline: AggregationPipeline | None = None,
     uniform_weighting: bool = False,
     mesh: jax.sharding.Mesh | None = None,
 ) -> Callable:
@@ -238,92 +380,149 @@ def make_round_fn(
 
     Args:
       algorithm: the federated algorithm.
-      apply_fn: ``(frozen, params, tokens) -> logits``.
+      objective: the training objective.
       schedule: static local-training shape.
       num_clients_total: client population size (rows of the client state store).
       clients_per_chunk: clients vmapped together on one device (None: all of that device's
-        sampled clients at once).
-      pad_id: padding token id.
+        slots at once). The cohort's slot count must be a multiple of chunk x devices
+        (`fedjax_llm.sampling.cohort_slots`).
+      pipeline: upload transforms and aggregator (default: the weighted mean, FedAvg).
       uniform_weighting: aggregate with equal client weights.
       mesh: optional device mesh with a `CLIENT_AXIS` axis of D devices. Each device then trains
-        C / D of the sampled clients (in chunks of `clients_per_chunk`) against a replicated
-        frozen base and broadcast, and the devices' running weighted sums are added with one
-        `psum`. The server update runs replicated. Results equal the one-device round up to the
-        order of floating-point additions.
+        C / D of the slots (in chunks of `clients_per_chunk`) against a replicated frozen base
+        and broadcast; streaming accumulators are added with one ``psum``, gathered uploads
+        collected with one ``all_gather``. The server update runs replicated. Results equal the
+        one-device round up to the order of floating-point additions.
 
     Returns:
-      ``round_fn(frozen, server_state, client_store, data, client_ids, round_key, hparams)
-      -> (server_state, client_store, RoundOutput)``, pure and ready for `jax.jit`.
+      ``round_fn(frozen, state, data, cohort, round_key, hparams) -> (state, RoundOutput)``,
+      pure and ready for `jax.jit`; ``state`` is a `RoundState`, ``cohort`` a `Cohort` of
+      arrays. For algorithms whose server state holds the frozen base, ``frozen`` is ignored.
     """
-    client_update = make_client_update(algorithm, apply_fn, schedule, pad_id, uniform_weighting)
-    vmapped = jax.vmap(client_update, in_axes=(None, None, 0, None, 0, None, None))
+    pipeline = pipeline or default_pipeline()
+    aggregator = pipeline.aggregator
+    client_update = make_client_update(algorithm, objective, schedule, pipeline, uniform_weighting)
+    vmapped = jax.vmap(client_update, in_axes=(None, None, None, 0, None, 0, 0, 0, None, None))
 
-    def output_shape(frozen, broadcast, client_states, data, client_ids, round_key, hparams):
-        one_state = jax.tree.map(lambda s: s[0], client_states)
-        return jax.eval_shape(
-            lambda: client_update(
-                frozen, broadcast, one_state, data, client_ids[0], round_key, hparams
-            )[0]
-        )
-
-    def train_clients(*args):
-        """Trains the given clients chunk by chunk; returns their weighted sum and outputs."""
-        frozen, broadcast, client_states, data, client_ids, round_key, hparams = args
-        num_sampled = client_ids.shape[0]
-        chunk = clients_per_chunk or num_sampled
-        num_chunks = num_sampled // chunk
+    def train_clients(frozen, broadcast, pipeline_state, states, data, cohort, round_key, hparams):
+        """Trains one device's slots chunk by chunk; returns accumulator, stats and results."""
+        num_slots = cohort.client_ids.shape[0]
+        chunk = clients_per_chunk or num_slots
+        if num_slots % chunk:
+            raise ValueError(
+                f"{num_slots} client slots per device are not a multiple of the chunk size "
+                f"{chunk}; pad the cohort with fedjax_llm.sampling.cohort_slots."
+            )
+        num_chunks = num_slots // chunk
 
         def chunked(x):
             return x.reshape((num_chunks, chunk) + x.shape[1:])
 
-        def chunk_step(sums, inputs):
-            ids, states = inputs
-            outputs, new_states, weights, metrics = vmapped(
-                frozen, broadcast, states, data, ids, round_key, hparams
+        def run_chunk(inputs):
+            ids, chunk_states, participating, delivered = inputs
+            return vmapped(
+                frozen,
+                broadcast,
+                pipeline_state.transform,
+                chunk_states,
+                data,
+                ids,
+                participating,
+                delivered,
+                round_key,
+                hparams,
             )
-            return weighted_sum_update(sums, outputs, weights), (new_states, weights, metrics)
 
-        sums, (new_states, weights, metrics) = jax.lax.scan(
-            chunk_step,
-            weighted_sum_init(output_shape(*args)),
-            (chunked(client_ids), jax.tree.map(chunked, client_states)),
+        chunk_inputs = (
+            chunked(cohort.client_ids),
+            jax.tree.map(chunked, states),
+            chunked(cohort.participating),
+            chunked(cohort.delivered),
         )
+        one_chunk = jax.tree.map(lambda x: x[0], chunk_inputs)
+        result_like = jax.eval_shape(run_chunk, one_chunk)
+        upload_like = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), result_like.upload
+        )
+
+        def skip_chunk(inputs):
+            # A chunk of padding only: nothing to train. Its outputs are masked downstream.
+            del inputs
+            return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), result_like)
+
+        def chunk_step(carry, inputs):
+            acc, stats = carry
+            result = jax.lax.cond(jnp.any(inputs[2]), run_chunk, skip_chunk, inputs)
+            if not aggregator.gathers:
+                acc = aggregator.accumulate(
+                    acc, result.upload, result.weight, pipeline_state.aggregator, hparams
+                )
+            stats = jax.tree.map(lambda s, x: s + jnp.sum(x), stats, result.stats)
+            ys = (result.state, result.weight, result.metrics)
+            if aggregator.gathers:
+                ys = ys + (result.upload,)
+            return (acc, stats), ys
+
+        acc0 = (
+            () if aggregator.gathers else aggregator.start(pipeline_state.aggregator, upload_like)
+        )
+        stats0 = jax.tree.map(lambda x: jnp.zeros((), jnp.float32), result_like.stats)
+        (acc, stats), ys = jax.lax.scan(chunk_step, (acc0, stats0), chunk_inputs)
         unchunk = functools.partial(jax.tree.map, lambda x: x.reshape((-1,) + x.shape[2:]))
-        return sums, unchunk(new_states), unchunk(weights), unchunk(metrics)
+        ys = unchunk(ys)
+        if aggregator.gathers:
+            acc = Gathered(ys[3], ys[1])
+        return acc, stats, ys[0], ys[1], ys[2]
 
     train_all = train_clients
     if mesh is not None:
         P = jax.sharding.PartitionSpec
 
         def train_local_clients(*args):
-            sums, new_states, weights, metrics = train_clients(*args)
-            return jax.lax.psum(sums, CLIENT_AXIS), new_states, weights, metrics
+            acc, stats, new_states, weights, metrics = train_clients(*args)
+            if aggregator.gathers:
+                acc = jax.lax.all_gather(acc, CLIENT_AXIS, axis=0, tiled=True)
+            else:
+                acc = jax.lax.psum(acc, CLIENT_AXIS)
+            return acc, jax.lax.psum(stats, CLIENT_AXIS), new_states, weights, metrics
 
         shard = P(CLIENT_AXIS)
         train_all = jax.shard_map(
             train_local_clients,
             mesh=mesh,
-            in_specs=(P(), P(), shard, P(), shard, P(), P()),
-            out_specs=(P(), shard, shard, shard),
+            in_specs=(P(), P(), P(), shard, P(), shard, P(), P()),
+            out_specs=(P(), P(), shard, shard, shard),
             check_vma=False,
         )
 
-    def round_fn(frozen, server_state, client_store, data, client_ids, round_key, hparams):
-        broadcast = algorithm.broadcast(server_state)
-        client_states = jax.tree.map(lambda s: s[client_ids], client_store)
-        args = (frozen, broadcast, client_states, data, client_ids, round_key, hparams)
-        sums, new_states, weights, metrics = train_all(*args)
-        output_like = output_shape(*args)
+    def round_fn(frozen, state, data, cohort, round_key, hparams):
+        frozen = _frozen_of(algorithm, frozen, state.server)
+        broadcast = algorithm.broadcast(state.server)
+        states = jax.tree.map(lambda s: s[cohort.client_ids], state.clients)
+        acc, stats, new_states, weights, metrics = train_all(
+            frozen, broadcast, state.pipeline, states, data, cohort, round_key, hparams
+        )
+        like = upload_shape(
+            algorithm,
+            pipeline,
+            state.server,
+            jax.tree.map(lambda s: s[0], state.clients.algorithm),
+            hparams,
+        )
         return finish_round(
             algorithm,
+            pipeline,
             num_clients_total,
-            server_state,
-            client_store,
-            client_ids,
-            weighted_sum_finalize(sums, output_like),
+            state,
+            cohort,
+            acc,
+            stats,
             new_states,
             weights,
             metrics,
+            round_key,
+            hparams,
+            like,
         )
 
     return round_fn
@@ -331,46 +530,186 @@ def make_round_fn(
 
 def finish_round(
     algorithm: Algorithm,
+    pipeline: AggregationPipeline,
     num_clients_total: int,
-    server_state: PyTree,
-    client_store: PyTree,
-    client_ids: jax.Array,
-    mean_output: PyTree,
-    new_states: PyTree,
+    state: RoundState,
+    cohort: Cohort,
+    accumulated: PyTree,
+    stats: dict,
+    new_states: ClientStates,
     weights: jax.Array,
-    metrics: ClientMetrics,
-) -> tuple[PyTree, PyTree, RoundOutput]:
-    """The tail of a round: server update, scatter of client states, summed metrics.
+    metrics: dict,
+    round_key: jax.Array,
+    hparams: HyperParams,
+    upload_like: PyTree,
+) -> tuple[RoundState, RoundOutput]:
+    """The tail of a round: aggregate, transform and server updates, client-state scatter.
 
     Args:
       algorithm: the algorithm.
+      pipeline: the aggregation pipeline.
       num_clients_total: population size.
-      server_state: the server state before the update.
-      client_store: the per-client state store ``[M, ...]``.
-      client_ids: ``[C]`` the sampled clients.
-      mean_output: the weighted mean `ClientOutput`.
-      new_states: ``[C, ...]`` the sampled clients' new states.
+      state: the state before the round.
+      cohort: the round's `Cohort` ``[C]``.
+      accumulated: the streaming aggregator's summed accumulator, or a `Gathered`.
+      stats: the upload transforms' stats summed over delivered clients.
+      new_states: ``[C]`` the slots' new `ClientStates`.
       weights: ``[C]`` aggregation weights.
-      metrics: per-client `ClientMetrics` ``[C]``.
+      metrics: per-slot metric sums ``{name: [C]}``.
+      round_key: the round's key (the server side derives its keys from it, see `round_keys`).
+      hparams: the round's `HyperParams`.
+      upload_like: shapes and dtypes of one `ClientOutput` (the aggregate is cast to them).
 
     Returns:
-      The new server state, the new store and the `RoundOutput`.
+      The new `RoundState` and the `RoundOutput`.
     """
-    info = RoundInfo(jnp.sum(weights > 0), num_clients_total)
-    server_state = algorithm.server_update(server_state, mean_output, info)
-    client_store = jax.tree.map(
-        lambda store, new: store.at[client_ids].set(new), client_store, new_states
+    aggregator_key, transform_key, update_key = round_keys(round_key)
+    aggregate, aggregator_state, aggregator_metrics = pipeline.aggregator.finalize(
+        state.pipeline.aggregator, accumulated, aggregator_key, hparams
+    )
+    aggregate = jax.tree.map(lambda a, x: a.astype(x.dtype), aggregate, upload_like)
+    transform_state = pipeline.transform.update(
+        state.pipeline.transform, stats, transform_key, hparams
+    )
+    info = RoundInfo(jnp.sum(weights > 0), num_clients_total, hparams)
+    server = algorithm.server_update(state.server, aggregate, info, update_key)
+    # Only delivered clients commit their new state; padding and lost uploads write nowhere.
+    target = jnp.where(cohort.delivered, cohort.client_ids, num_clients_total)
+    clients = jax.tree.map(
+        lambda store, new: store.at[target].set(new, mode="drop"), state.clients, new_states
     )
     totals = jax.tree.map(jnp.sum, metrics)
     output = RoundOutput(
-        train_loss=totals.loss_sum / jnp.maximum(totals.target_tokens, 1.0),
-        client_loss=metrics.loss_sum / jnp.maximum(metrics.target_tokens, 1.0),
+        train_loss=totals[LOSS_SUM] / jnp.maximum(totals[LOSS_WEIGHT], 1.0),
+        client_loss=metrics[LOSS_SUM] / jnp.maximum(metrics[LOSS_WEIGHT], 1.0),
         weights=weights,
+        participating=jnp.asarray(cohort.participating),
         metrics=totals,
+        pipeline={**stats, **aggregator_metrics},
     )
-    return server_state, client_store, output
+    return RoundState(server, PipelineState(transform_state, aggregator_state), clients), output
 
 
-def round_hparams(client_lr: float) -> HyperParams:
+def make_sequential_round(
+    algorithm: Algorithm,
+    objective: Objective,
+    schedule: LocalSchedule,
+    *,
+    num_clients_total: int,
+    pipeline: AggregationPipeline | None = None,
+    uniform_weighting: bool = False,
+) -> Callable:
+    """The reference round: one jitted client update per sampled client in a Python loop.
+
+    Computes what `make_round_fn` computes, with the same client update, pipeline and tail
+    (`finish_round`), but one client at a time; results agree up to the order of floating-point
+    additions. It is how any run can be checked against the compiled round
+    (``run.engine: sequential``), and the baseline the benchmark compares with.
+
+    Returns:
+      ``round_fn(frozen, state, data, cohort, round_key, hparams) -> (state, RoundOutput)``
+      (not jittable as a whole: it is the loop). The output covers the participating slots
+      only, in cohort order.
+    """
+    pipeline = pipeline or default_pipeline()
+    aggregator = pipeline.aggregator
+    client_update = jax.jit(
+        make_client_update(algorithm, objective, schedule, pipeline, uniform_weighting)
+    )
+    broadcast_fn = jax.jit(algorithm.broadcast)
+
+    @jax.jit
+    def accumulate(acc, result, pipeline_state, hparams):
+        one = jax.tree.map(lambda x: x[None], (result.upload, result.weight))
+        return aggregator.accumulate(acc, *one, pipeline_state.aggregator, hparams)
+
+    @jax.jit
+    def start(state, hparams):
+        like = _upload_like(state, hparams)
+        return aggregator.start(state.pipeline.aggregator, like)
+
+    def _upload_like(state, hparams):
+        one = jax.tree.map(lambda s: s[0], state.clients.algorithm)
+        return upload_shape(algorithm, pipeline, state.server, one, hparams)
+
+    @jax.jit
+    def finish(state, cohort, accumulated, stats, new_states, weights, metrics, key, hparams):
+        return finish_round(
+            algorithm,
+            pipeline,
+            num_clients_total,
+            state,
+            cohort,
+            accumulated,
+            stats,
+            new_states,
+            weights,
+            metrics,
+            key,
+            hparams,
+            _upload_like(state, hparams),
+        )
+
+    def round_fn(frozen, state, data, cohort, round_key, hparams):
+        frozen = _frozen_of(algorithm, frozen, state.server)
+        broadcast = broadcast_fn(state.server)
+        keep = np.flatnonzero(np.asarray(cohort.participating))
+        ids = np.asarray(cohort.client_ids)[keep]
+        delivered = np.asarray(cohort.delivered)[keep]
+        acc = None if aggregator.gathers else start(state, hparams)
+        results = []
+        for cid, ok in zip(ids, delivered, strict=True):
+            one_state = jax.tree.map(lambda s, c=cid: s[c], state.clients)
+            result = client_update(
+                frozen,
+                broadcast,
+                state.pipeline.transform,
+                one_state,
+                data,
+                jnp.int32(cid),
+                jnp.float32(1.0),
+                jnp.float32(ok),
+                round_key,
+                hparams,
+            )
+            if not aggregator.gathers:
+                acc = accumulate(acc, result, state.pipeline, hparams)
+            results.append(result)
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
+        if aggregator.gathers:
+            acc = Gathered(stacked.upload, stacked.weight)
+        stats = jax.tree.map(jnp.sum, stacked.stats)
+        sub = Cohort(jnp.asarray(ids), jnp.ones(len(ids), bool), jnp.asarray(delivered))
+        return finish(
+            state,
+            sub,
+            acc,
+            stats,
+            stacked.state,
+            stacked.weight,
+            stacked.metrics,
+            round_key,
+            hparams,
+        )
+
+    return round_fn
+
+
+def round_hparams(
+    client_lr: float, server_lr: float = 1.0, values: dict | None = None
+) -> HyperParams:
     """Packs round-varying values as float32 arrays (no recompilation when they change)."""
-    return HyperParams(client_lr=jnp.asarray(client_lr, jnp.float32))
+    return HyperParams(
+        client_lr=jnp.asarray(client_lr, jnp.float32),
+        server_lr=jnp.asarray(server_lr, jnp.float32),
+        values={k: jnp.asarray(v, jnp.float32) for k, v in (values or {}).items()},
+    )
+
+
+def check_data(objective: Objective, data: ClientData) -> None:
+    """Checks before compiling that the client data hold every field the objective reads.
+
+    Raises:
+      ValueError: naming the missing fields.
+    """
+    check_fields(objective, data.examples, "the client data")

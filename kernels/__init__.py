@@ -11,9 +11,16 @@ from kernels.aggregation import (
     weighted_sum_init,
     weighted_sum_update,
 )
+from kernels.clipping import clip_by_global_norm, global_norm
+from kernels.pytree import PyTree
+from kernels.robust import coordinate_median
 
 __all__ = [
+    "PyTree",
     "WeightedSum",
+    "clip_by_global_norm",
+    "coordinate_median",
+    "global_norm",
     "weighted_mean",
     "weighted_sum_finalize",
     "weighted_sum_init",

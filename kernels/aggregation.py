@@ -7,12 +7,12 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-PyTree = Any
+from kernels.pytree import PyTree
 
 
 class WeightedSum(NamedTuple):

@@ -2,20 +2,23 @@
 
 An algorithm is a factory (``make_fedavg(...)``) returning an `Algorithm`. The simulator calls
 its functions inside one compiled round: ``client_init`` / ``client_step`` (scanned over local
-steps) / ``client_final`` under ``jax.vmap`` over clients, then ``server_update`` on the
-weighted mean of the clients' `ClientOutput`. Nothing here runs Python per client or per step.
+steps) / ``client_final`` under ``jax.vmap`` over clients, then the aggregation pipeline
+(`fedjax_llm.pipeline`), then ``server_update`` on the aggregate of the clients' `ClientOutput`
+(their weighted mean by default). Nothing here runs Python per client or per step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-PyTree = Any
+from kernels.pytree import PyTree
+
 LossFn = Callable[[PyTree, dict, jax.Array], tuple[jax.Array, dict]]
 """``loss_fn(params, batch, key) -> (loss, metrics)``: the mean loss of one local batch."""
 
@@ -47,26 +50,34 @@ class ClientOutput(NamedTuple):
     extra: PyTree = ()
 
 
+class HyperParams(NamedTuple):
+    """Round-varying values, passed as arrays so changing them never recompiles.
+
+    Attributes:
+      client_lr: the client learning rate for this round.
+      server_lr: the server learning rate for this round (set into server optimizers built
+        with `optax.inject_hyperparams`, as `fedjax_llm.optimizers` builds them).
+      values: every other round-varying scalar, by the name the algorithm, upload transforms
+        and aggregator declare in their ``hyperparams`` (``prox_mu``, ``clip_norm``, ...).
+    """
+
+    client_lr: jax.Array
+    server_lr: jax.Array = 1.0
+    values: dict = {}  # noqa: RUF012 - a pytree field; never mutated
+
+
 class RoundInfo(NamedTuple):
     """Facts about the round that a server update may use.
 
     Attributes:
       num_participants: number of clients with non-zero weight this round (array).
       num_clients_total: size of the client population (static).
+      hparams: the round's `HyperParams`.
     """
 
     num_participants: jax.Array
     num_clients_total: int
-
-
-class HyperParams(NamedTuple):
-    """Round-varying values, passed as arrays so changing them never recompiles.
-
-    Attributes:
-      client_lr: the client learning rate for this round.
-    """
-
-    client_lr: jax.Array
+    hparams: HyperParams | None = None
 
 
 class Algorithm(NamedTuple):
@@ -84,8 +95,15 @@ class Algorithm(NamedTuple):
         -> (train_state, metrics)``: one local step.
       client_final: ``(broadcast, train_state, client_state, hparams)
         -> (ClientOutput, new_client_state)``.
-      server_update: ``(server_state, mean_output, round_info) -> server_state`` where
-        ``mean_output`` is the weighted mean `ClientOutput` over clients.
+      server_update: ``(server_state, aggregate, round_info, key) -> server_state`` where
+        ``aggregate`` is the aggregated `ClientOutput` (the weighted mean by default) and
+        ``key`` a fresh key of the round.
+      hyperparams: round-varying scalars the algorithm reads from ``hparams.values``
+        (``{"prox_mu": 0.01}`` for FedProx), with their defaults.
+      server_frozen: for algorithms whose server state holds the frozen base (merging adapters
+        into it, or training it on public data): ``(server_state) -> frozen``. The simulator then
+        calls ``server_init(params, frozen)``, takes the base from the server state every round
+        and checkpoints it with it. None (the default): the base stays fixed and is not stored.
     """
 
     server_init: Callable
@@ -96,6 +114,8 @@ class Algorithm(NamedTuple):
     client_step: Callable
     client_final: Callable
     server_update: Callable
+    hyperparams: Mapping[str, float] = MappingProxyType({})
+    server_frozen: Callable | None = None
 
 
 class Broadcast(NamedTuple):
@@ -151,16 +171,40 @@ def sgd_step(
     return ClientTrainState(optax.apply_updates(state.params, updates), opt_state, state.steps + 1)
 
 
+def set_learning_rate(opt_state: PyTree, learning_rate: jax.Array | None) -> PyTree:
+    """Sets the learning rate of an `optax.inject_hyperparams` state (others are unchanged)."""
+    hyperparams = getattr(opt_state, "hyperparams", None)
+    if learning_rate is None or hyperparams is None or "learning_rate" not in hyperparams:
+        return opt_state
+    dtype = hyperparams["learning_rate"].dtype
+    new = dict(hyperparams, learning_rate=jnp.asarray(learning_rate, dtype))
+    return opt_state._replace(hyperparams=new)
+
+
 def server_optimizer_update(
-    optimizer: optax.GradientTransformation, state: ServerState, mean_delta: PyTree
+    optimizer: optax.GradientTransformation,
+    state: ServerState,
+    mean_delta: PyTree,
+    learning_rate: jax.Array | None = None,
 ) -> ServerState:
     """Applies the server optimizer to the pseudo-gradient ``-mean(delta)``.
 
     With ``optax.sgd(1.0)`` this is FedAvg; momentum gives FedAvgM, adam/yogi/adagrad give
     FedAdam/FedYogi/FedAdagrad (Reddi et al. 2021, "Adaptive Federated Optimization").
+
+    Args:
+      optimizer: the server optimizer.
+      state: params and optimizer state.
+      mean_delta: the aggregated client delta.
+      learning_rate: this round's server learning rate, set into the state of an optimizer
+        built with `optax.inject_hyperparams` (ignored for others, which keep their own).
+
+    Returns:
+      The new `ServerState`.
     """
     pseudo_grad = jax.tree.map(lambda d, p: (-d).astype(p.dtype), mean_delta, state.params)
-    updates, opt_state = optimizer.update(pseudo_grad, state.opt_state, state.params)
+    opt_state = set_learning_rate(state.opt_state, learning_rate)
+    updates, opt_state = optimizer.update(pseudo_grad, opt_state, state.params)
     return ServerState(optax.apply_updates(state.params, updates), opt_state)
 
 

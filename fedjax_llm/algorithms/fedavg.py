@@ -57,9 +57,10 @@ def make_fedavg(
         del hparams
         return ClientOutput(tree_sub(state.params, broadcast.params)), client_state
 
-    def server_update(server_state, mean_output, round_info):
-        del round_info
-        return server_optimizer_update(server_optimizer, server_state, mean_output.delta)
+    def server_update(server_state, mean_output, round_info, key):
+        del key
+        lr = None if round_info.hparams is None else round_info.hparams.server_lr
+        return server_optimizer_update(server_optimizer, server_state, mean_output.delta, lr)
 
     return Algorithm(
         server_init=server_init,

@@ -21,12 +21,13 @@ def make_fedprox(
     """Builds FedProx: each local gradient gets ``mu * (params - global_params)`` added.
 
     This is the gradient of the local objective ``F_i(w) + mu/2 ||w - w_global||^2``; with
-    ``mu = 0`` it is FedAvg exactly.
+    ``mu = 0`` it is FedAvg exactly. ``mu`` is the round-varying hyperparameter ``prox_mu``
+    (``hparams.values["prox_mu"]``), so a schedule over rounds never recompiles.
 
     Args:
       client_optimizer: local optimizer.
       server_optimizer: server optimizer on the pseudo-gradient.
-      mu: proximal coefficient (>= 0).
+      mu: default proximal coefficient (>= 0).
 
     Returns:
       The `Algorithm`.
@@ -36,11 +37,15 @@ def make_fedprox(
     fedavg = make_fedavg(client_optimizer, server_optimizer)
 
     def client_step(broadcast, client_state, state, batch, key, loss_fn, hparams):
-        del client_state, hparams
+        del client_state
+        prox_mu = hparams.values["prox_mu"]
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
         grads = jax.tree.map(
-            lambda g, w, w0: g + mu * (w - w0), grads, state.params, broadcast.params
+            lambda g, w, w0: g + (prox_mu * (w - w0)).astype(g.dtype),
+            grads,
+            state.params,
+            broadcast.params,
         )
         return sgd_step(client_optimizer, state, grads), metrics
 
-    return fedavg._replace(client_step=client_step)
+    return fedavg._replace(client_step=client_step, hyperparams={"prox_mu": float(mu)})

@@ -3,11 +3,23 @@
 References:
   Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated
   Learning" (we use the paper's option II control update).
+
+Two choices to know:
+
+- Option II estimates each client's mean corrected gradient from its model change,
+  ``(x - y_i) / (K_i * lr)``, which holds only for plain SGD local steps. The client optimizer
+  must therefore be plain SGD (``client.optimizer: sgd``, no momentum, weight decay or gradient
+  clipping); `fedjax_llm.build_algorithm` refuses any other, since the control variates would
+  silently be wrong.
+- The control deltas are aggregated with the same weights as the model deltas. The paper
+  averages both uniformly over the sampled clients: ``algorithm.weighting: uniform`` is the
+  paper exactly; the default ``num_examples`` weights both by client size (FedAvg's weighting),
+  which keeps ``c`` the size-weighted mean of the ``c_i`` that the weighted model update uses.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,21 +34,22 @@ from fedjax_llm.algorithms.base import (
     tree_sub,
 )
 from fedjax_llm.algorithms.fedavg import make_fedavg
+from kernels.pytree import PyTree
 
 
 class ScaffoldServerState(NamedTuple):
     """Global params, server optimizer state and the server control variate ``c``."""
 
-    params: Any
-    opt_state: Any
-    control: Any
+    params: PyTree
+    opt_state: PyTree
+    control: PyTree
 
 
 class ScaffoldBroadcast(NamedTuple):
     """What SCAFFOLD sends each client: the global params and ``c``."""
 
-    params: Any
-    control: Any
+    params: PyTree
+    control: PyTree
 
 
 def make_scaffold(
@@ -51,8 +64,8 @@ def make_scaffold(
     ``(participants / N) * mean(c_i+ - c_i)``. With zero controls and one round it is FedAvg.
 
     Args:
-      client_optimizer: local optimizer (the control update assumes its step size is the
-        round's client learning rate, exact for SGD).
+      client_optimizer: local optimizer: plain SGD whose learning rate is the round's client
+        learning rate (see the module docstring; option II is wrong for any other).
       server_optimizer: server optimizer on the pseudo-gradient (sgd(1.0) is the paper's
         global step size 1).
 
@@ -92,11 +105,13 @@ def make_scaffold(
         )
         return output, new_control
 
-    def server_update(server_state, mean_output, round_info):
+    def server_update(server_state, mean_output, round_info, key):
+        del key
         updated = server_optimizer_update(
             server_optimizer,
             ServerState(server_state.params, server_state.opt_state),
             mean_output.delta,
+            None if round_info.hparams is None else round_info.hparams.server_lr,
         )
         fraction = round_info.num_participants.astype(jnp.float32) / round_info.num_clients_total
         control = jax.tree.map(
