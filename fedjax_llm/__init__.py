@@ -24,12 +24,73 @@ from fedjax_llm.algorithms import (
     sgd_step,
 )
 from fedjax_llm.config import ConfigError, ExperimentConfig, dump_config, load_config
-from fedjax_llm.round import make_client_update, make_round_fn
+from fedjax_llm.data import ClientArrays
+from fedjax_llm.objectives import Objective, next_token_loss, register_objective
+from fedjax_llm.pipeline import (
+    AggregationPipeline,
+    Aggregator,
+    Gathered,
+    UploadTransform,
+    chain,
+    clip_upload,
+    coordinate_median_aggregator,
+    default_pipeline,
+    register_aggregator,
+    register_transform,
+    weighted_mean,
+)
+from fedjax_llm.round import (
+    ClientData,
+    LocalSchedule,
+    RoundState,
+    init_round_state,
+    make_client_update,
+    make_round_fn,
+    make_sequential_round,
+    round_hparams,
+)
+from fedjax_llm.sampling import (
+    AvailabilitySampler,
+    Cohort,
+    CohortOverflowError,
+    PoissonSampler,
+    ScheduledSampler,
+    UniformSampler,
+    make_cohort,
+)
 from fedjax_llm.simulation import DivergenceError, RunDirectoryError, Simulation, simulate
 
 __all__ = [
     "ALGORITHMS",
+    "AggregationPipeline",
+    "Aggregator",
     "Algorithm",
+    "AvailabilitySampler",
+    "ClientArrays",
+    "ClientData",
+    "Cohort",
+    "CohortOverflowError",
+    "Gathered",
+    "LocalSchedule",
+    "Objective",
+    "PoissonSampler",
+    "RoundState",
+    "ScheduledSampler",
+    "UniformSampler",
+    "UploadTransform",
+    "chain",
+    "clip_upload",
+    "coordinate_median_aggregator",
+    "default_pipeline",
+    "init_round_state",
+    "make_cohort",
+    "make_sequential_round",
+    "next_token_loss",
+    "register_aggregator",
+    "register_objective",
+    "register_transform",
+    "round_hparams",
+    "weighted_mean",
     "Broadcast",
     "ClientOutput",
     "ClientTrainState",

@@ -81,6 +81,12 @@ class Checkpointer:
         # Synchronous: a crash right after this call must not lose the checkpoint.
         self._manager.wait_until_finished()
 
+    def metadata(self, round_num: int) -> dict:
+        """Returns the JSON metadata (round, history, config) of a checkpoint, no arrays."""
+        return self._manager.restore(
+            round_num, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        ).meta
+
     def restore(self, round_num: int, like: PyTree) -> tuple[PyTree, dict]:
         """Restores the state saved after ``round_num`` rounds into the structure of ``like``.
 
@@ -95,9 +101,7 @@ class Checkpointer:
           CheckpointMismatchError: if the saved arrays do not match ``like`` (a different
             model, trainable mode or algorithm); the message names the differing entries.
         """
-        saved_meta = self._manager.restore(
-            round_num, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        ).meta
+        saved_meta = self.metadata(round_num)
         flat_like = _flatten(like)
         restored = self._manager.restore(
             round_num,

@@ -30,6 +30,8 @@ LossOn = Literal["last", "all"]
 SampleBy = Literal["document", "paragraph", "line"]
 LoadDtype = Literal["float32", "bfloat16"]
 WeightingName = Literal["num_examples", "uniform"]
+SamplerName = Literal["uniform", "poisson", "availability"]
+EngineName = Literal["compiled", "sequential"]
 
 
 class ConfigError(ValueError):
@@ -159,13 +161,19 @@ class ClientConfig:
       lr: peak local learning rate.
       momentum: momentum for ``momentum``; b1 for ``adamw``.
       weight_decay: decoupled weight decay for ``adamw``.
-      schedule: local learning-rate schedule over a client's local steps.
-      warmup_steps: warmup steps for ``warmup_cosine``.
+      schedule: schedule of the client learning rate over rounds (every local step of a round
+        uses that round's rate): ``constant``; ``cosine`` and ``linear`` decay to 0 at the last
+        round; ``warmup_cosine`` warms up linearly over ``warmup_steps`` rounds first.
+      warmup_steps: warmup rounds of ``warmup_cosine``.
       local_steps: maximum local steps per round (the scan length).
       local_epochs: if set, a client takes ceil(local_epochs * n_i / batch_size) steps, at
         most ``local_steps``, so clients with less data do less work (masked steps).
       batch_size: examples per local step.
       grad_clip_norm: optional clipping of each local gradient by global norm.
+      shuffle: shuffle each client's examples every round; false streams them in their stored
+        order (to reproduce a loop that iterates client data in order).
+      objective: the training loss by name: ``next_token`` (language modelling) or one added
+        with `fedjax_llm.register_objective`.
     """
 
     optimizer: ClientOptimizerName = "sgd"
@@ -178,6 +186,8 @@ class ClientConfig:
     local_epochs: float | None = None
     batch_size: int = 8
     grad_clip_norm: float | None = None
+    shuffle: bool = True
+    objective: str = "next_token"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +201,9 @@ class ServerConfig:
       momentum: server momentum (FedAvgM) and b1 of adam/yogi.
       b2: second-moment decay of adam/yogi.
       eps: adaptivity tau of adam/yogi/adagrad (Reddi et al. 2021).
+      schedule: schedule of the server learning rate over rounds (``constant``, ``cosine``,
+        ``linear``, ``warmup_cosine``), passed to the round as an array.
+      warmup_rounds: warmup rounds of ``warmup_cosine``.
     """
 
     optimizer: ServerOptimizerName | None = None
@@ -198,6 +211,8 @@ class ServerConfig:
     momentum: float = 0.9
     b2: float = 0.99
     eps: float = 1e-3
+    schedule: ScheduleName = "constant"
+    warmup_rounds: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,18 +233,69 @@ class AlgorithmConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AggregationConfig:
+    """What happens to client uploads between local training and the server update.
+
+    Attributes:
+      transforms: upload transforms applied to each client's update in order, by name:
+        ``clip`` (L2-clip the whole update to ``clip_norm``) or names added with
+        `fedjax_llm.register_transform`.
+      aggregator: ``mean`` (streaming weighted mean, FedAvg), ``median`` (coordinate-wise
+        median; gathers every upload) or a name added with `fedjax_llm.register_aggregator`.
+      clip_norm: the clip norm of ``clip`` (a round hyperparameter).
+    """
+
+    transforms: tuple[str, ...] = ()
+    aggregator: str = "mean"
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the clients of a round are drawn (a pure function of ``run.seed`` and the round).
+
+    Attributes:
+      kind: ``uniform`` (``run.num_clients_per_round`` clients without replacement),
+        ``poisson`` (each client independently with rate num_clients_per_round / population;
+        the round is compiled for a static bound on the cohort, see ``overflow_probability``)
+        or ``availability`` (each client online with probability ``availability``, then
+        ``num_clients_per_round`` of the online ones; fewer if fewer are online).
+      availability: per-client probability of being online (``availability``).
+      dropout: probability that a sampled client's upload is lost after it trained; its
+        update and state change are discarded.
+      overflow_probability: ``poisson``: per-round chance that the cohort exceeds the static
+        bound; the bound is the smallest with at most this chance (an overflow stops the run
+        with an error, nothing is truncated).
+      max_cohort: ``poisson``: an explicit bound instead (at least the expected cohort).
+    """
+
+    kind: SamplerName = "uniform"
+    availability: float = 1.0
+    dropout: float = 0.0
+    overflow_probability: float = 1e-9
+    max_cohort: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The round loop, output and checkpoints.
 
     Attributes:
       num_rounds: rounds to run in total (a resumed run continues up to this round).
-      num_clients_per_round: clients sampled uniformly without replacement each round.
+      num_clients_per_round: clients per round (the expected number with Poisson sampling).
       clients_per_chunk: clients vmapped together on one device; chunks run in a scan, so
         memory is that of one chunk. None runs all of a device's sampled clients in one vmap.
-      devices: local devices the sampled clients are sharded over (a `clients` mesh axis);
-        each trains num_clients_per_round / devices of them. 0 uses every local device.
+        The round's client axis is padded to whole chunks on every device; padding costs no
+        result and is reported.
+      devices: local devices the sampled clients are sharded over (a `clients` mesh axis).
+        0 uses every local device.
+      engine: ``compiled`` (the whole round one XLA program) or ``sequential`` (the reference:
+        one jitted client update per client in a Python loop; same results up to float
+        rounding, for checking the compiled round).
       seed: root seed of model init, client sampling and local training.
       output_dir: run directory (see the README for its layout).
+      save_checkpoints: save checkpoints at all (false: none, e.g. for timing runs).
+      partition_report: write partition.json and partition.png into the run directory.
       checkpoint_every: save the global state every this many rounds (0: only at the end).
       keep_checkpoints: keep the last this many checkpoints.
       resume: continue from the latest checkpoint in ``output_dir``.
@@ -243,8 +309,11 @@ class RunConfig:
     num_clients_per_round: int = 16
     clients_per_chunk: int | None = None
     devices: int = 1
+    engine: EngineName = "compiled"
     seed: int = 0
     output_dir: str = "runs/default"
+    save_checkpoints: bool = True
+    partition_report: bool = True
     checkpoint_every: int = 20
     keep_checkpoints: int = 2
     resume: bool = False
@@ -257,7 +326,8 @@ class EvalConfig:
     """Evaluation of the global model.
 
     Attributes:
-      every: evaluate every this many rounds (and always before the first and after the last).
+      every: evaluate every this many rounds (and always before the first and after the last);
+        0 never evaluates.
       max_new_tokens: greedy decoding budget for exact-match accuracy (0 skips generation).
       batch_size: evaluation batch size.
       per_client: also evaluate on every client's held-out examples.
@@ -280,6 +350,8 @@ class ExperimentConfig:
     client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
+    aggregation: AggregationConfig = dataclasses.field(default_factory=AggregationConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
@@ -305,8 +377,9 @@ class ExperimentConfig:
             "eval.batch_size",
             "run.keep_checkpoints",
             "run.log_every",
-            "eval.every",
         )
+        if self.eval.every < 0:
+            raise ConfigError(f"eval.every={self.eval.every} must be >= 0 (0: no evaluation).")
         if self.trainable.mode == "lora":
             _positive(self, "trainable.lora_rank", "trainable.lora_alpha")
             from fedjax_llm.models.lora import LORA_TARGETS
@@ -355,15 +428,13 @@ class ExperimentConfig:
             )
         if self.run.devices < 0:
             raise ConfigError(f"run.devices={self.run.devices} must be >= 0 (0: all devices).")
-        devices = self.run.devices or 1  # 0 is resolved against the machine when the run starts
         chunk = self.run.clients_per_chunk
-        if chunk is not None and (chunk <= 0 or self.run.num_clients_per_round % chunk):
+        if chunk is not None and chunk <= 0:
             raise ConfigError(
-                f"run.clients_per_chunk={chunk} must be a positive divisor of "
-                f"run.num_clients_per_round={self.run.num_clients_per_round} (or null for one "
-                "chunk of all sampled clients)."
+                f"run.clients_per_chunk={chunk} must be positive (or null for one chunk of all "
+                "of a device's clients)."
             )
-        check_client_split(self.run, devices)
+        self._validate_sampling_and_aggregation()
         if self.run.stop_after is not None and self.run.stop_after <= 0:
             raise ConfigError(f"run.stop_after={self.run.stop_after} must be positive or null.")
         if self.client.local_epochs is not None and self.client.local_epochs <= 0:
@@ -392,6 +463,13 @@ class ExperimentConfig:
                 f"algorithm.name={self.algorithm.name!r}; valid choices: {sorted(ALGORITHMS)} "
                 "(custom algorithms: fedjax_llm.register_algorithm)."
             )
+        from fedjax_llm.objectives import OBJECTIVES
+
+        if self.client.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"client.objective={self.client.objective!r}; valid choices: {sorted(OBJECTIVES)} "
+                "(custom objectives: fedjax_llm.register_objective)."
+            )
         from fedjax_llm.data import TASK_FAMILIES
 
         bad = [f for f in self.data.task_families if f not in TASK_FAMILIES]
@@ -401,20 +479,44 @@ class ExperimentConfig:
             )
         return self
 
+    def _validate_sampling_and_aggregation(self) -> None:
+        sampling, aggregation = self.sampling, self.aggregation
+        if not 0.0 <= sampling.dropout < 1.0:
+            raise ConfigError(f"sampling.dropout={sampling.dropout} must be in [0, 1).")
+        if not 0.0 < sampling.availability <= 1.0:
+            raise ConfigError(f"sampling.availability={sampling.availability} must be in (0, 1].")
+        if not 0.0 < sampling.overflow_probability < 1.0:
+            raise ConfigError(
+                f"sampling.overflow_probability={sampling.overflow_probability} must be in (0, 1)."
+            )
+        if sampling.max_cohort is not None:
+            if sampling.kind != "poisson":
+                raise ConfigError(
+                    f"sampling.max_cohort is the static bound of Poisson sampling; with "
+                    f"sampling.kind={sampling.kind!r} the bound is run.num_clients_per_round. "
+                    "Remove it or set sampling.kind=poisson."
+                )
+            if sampling.max_cohort < self.run.num_clients_per_round:
+                raise ConfigError(
+                    f"sampling.max_cohort={sampling.max_cohort} is below the expected cohort "
+                    f"run.num_clients_per_round={self.run.num_clients_per_round}; raise it or "
+                    "leave it null (computed from sampling.overflow_probability)."
+                )
+        from fedjax_llm.pipeline import AGGREGATORS, TRANSFORMS
 
-def check_client_split(run: RunConfig, devices: int) -> None:
-    """Checks that `devices` devices split a round's clients into equal whole chunks.
-
-    Raises:
-      ConfigError: if ``run.num_clients_per_round`` is not a multiple of devices x chunk.
-    """
-    chunk = run.clients_per_chunk or 1
-    if run.num_clients_per_round % (devices * chunk):
-        raise ConfigError(
-            f"run.num_clients_per_round={run.num_clients_per_round} must be a multiple of "
-            f"run.devices x run.clients_per_chunk = {devices} x {chunk}, so every device trains "
-            "the same number of whole chunks."
-        )
+        if aggregation.aggregator not in AGGREGATORS:
+            raise ConfigError(
+                f"aggregation.aggregator={aggregation.aggregator!r}; valid choices: "
+                f"{sorted(AGGREGATORS)} (custom: fedjax_llm.register_aggregator)."
+            )
+        bad = [t for t in aggregation.transforms if t not in TRANSFORMS]
+        if bad:
+            raise ConfigError(
+                f"aggregation.transforms: unknown {bad}; valid choices: {sorted(TRANSFORMS)} "
+                "(custom: fedjax_llm.register_transform)."
+            )
+        if "clip" in aggregation.transforms and not aggregation.clip_norm > 0:
+            raise ConfigError(f"aggregation.clip_norm={aggregation.clip_norm} must be > 0.")
 
 
 def _positive(config: ExperimentConfig, *keys: str) -> None:

@@ -10,16 +10,27 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fedjax_llm.data import FederatedDataset, TokenizedExamples
 from fedjax_llm.models.generation import generate, left_align_prompts
 from fedjax_llm.models.trainable import Trainable
+from fedjax_llm.objectives import (
+    LOSS_SUM,
+    LOSS_WEIGHT,
+    Objective,
+    next_token_loss,
+    per_example_metrics,
+)
+from kernels.pytree import PyTree
 
-PyTree = Any
 
-
-def make_eval_step(trainable: Trainable, max_new_tokens: int, eos_id: int, pad_id: int) -> Callable:
+def make_eval_step(
+    trainable: Trainable,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    objective: Objective | None = None,
+) -> Callable:
     """Builds the jitted per-batch evaluation.
 
     Args:
@@ -27,17 +38,23 @@ def make_eval_step(trainable: Trainable, max_new_tokens: int, eos_id: int, pad_i
       max_new_tokens: greedy decoding budget (0 skips generation and exact match).
       eos_id: end-of-sequence id.
       pad_id: padding id.
+      objective: the training objective, whose per-example ``loss_sum`` and ``loss_weight`` are
+        the held-out loss (default: next-token cross entropy).
 
     Returns:
       ``eval_step(frozen, params, tokens, loss_mask, prompt_len) -> (loss_sum [B],
       target_tokens [B], generated [B, max_new_tokens])``.
     """
+    objective = objective or next_token_loss(trainable.apply, pad_id)
 
     @jax.jit
     def eval_step(frozen, params, tokens, loss_mask, prompt_len):
-        logits = trainable.apply(frozen, params, tokens)[:, :-1].astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-        mask = loss_mask[:, 1:]
+        batch = {
+            "tokens": tokens,
+            "loss_mask": loss_mask,
+            "example_weight": jnp.ones(tokens.shape[0], jnp.float32),
+        }
+        sums = per_example_metrics(objective, frozen, params, batch, jax.random.key(0))
         if max_new_tokens == 0:
             generated = jnp.zeros((tokens.shape[0], 0), tokens.dtype)
         else:
@@ -53,7 +70,7 @@ def make_eval_step(trainable: Trainable, max_new_tokens: int, eos_id: int, pad_i
                 pad_id=pad_id,
                 model_kwargs=model_kwargs,
             )
-        return jnp.sum(ce * mask, axis=1), jnp.sum(mask, axis=1), generated
+        return sums[LOSS_SUM], sums[LOSS_WEIGHT], generated
 
     return eval_step
 
@@ -145,4 +162,59 @@ def summarize_clients(per_example: dict[str, np.ndarray], dataset: FederatedData
         client_exact = np.add.reduceat(per_example["exact_match"], starts) / counts
         out["client/exact_match_mean"] = float(client_exact.mean())
         out["client/exact_match_worst10"] = float(np.sort(client_exact)[:worst].mean())
+    return out
+
+
+def make_arrays_eval_step(objective: Objective) -> Callable:
+    """The jitted per-batch evaluation of any objective: ``(frozen, params, batch) ->
+    {name: [B]}`` per-example metric sums."""
+    return jax.jit(
+        lambda frozen, params, batch: per_example_metrics(
+            objective, frozen, params, batch, jax.random.key(0)
+        )
+    )
+
+
+def evaluate_arrays(
+    step: Callable,
+    frozen: PyTree,
+    params: PyTree,
+    examples: dict[str, np.ndarray],
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Per-example metric sums of any objective over a dict of per-example arrays.
+
+    Batches are fixed-size (the last one padded by wrapping and dropped), so one compiled
+    program serves the whole set.
+
+    Args:
+      step: from `make_arrays_eval_step`.
+      frozen: the frozen base.
+      params: the trainable params.
+      examples: ``{field: [N, ...]}``.
+      batch_size: examples per batch.
+
+    Returns:
+      ``{name: [N]}`` for every metric of the objective.
+    """
+    n = len(next(iter(examples.values())))
+    out: dict[str, list[np.ndarray]] = {}
+    for begin in range(0, n, batch_size):
+        idx = np.arange(begin, begin + batch_size) % n
+        valid = min(batch_size, n - begin)
+        batch = {name: x[idx] for name, x in examples.items()}
+        batch["example_weight"] = np.ones(batch_size, np.float32)
+        sums = jax.device_get(step(frozen, params, batch))
+        for name, value in sums.items():
+            out.setdefault(name, []).append(np.asarray(value)[:valid])
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def summarize_arrays(per_example: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
+    """The mean loss (``sum loss_sum / sum loss_weight``) and the other metrics' totals."""
+    weight = max(float(per_example[LOSS_WEIGHT].sum()), 1.0)
+    out = {f"{prefix}/loss": float(per_example[LOSS_SUM].sum()) / weight}
+    for name, value in per_example.items():
+        if name not in (LOSS_SUM, LOSS_WEIGHT):
+            out[f"{prefix}/{name}"] = float(value.sum())
     return out

@@ -45,36 +45,55 @@ def make_client_optimizer(config: ClientConfig) -> optax.GradientTransformation:
     return optax.inject_hyperparams(factory)(learning_rate=config.lr)
 
 
-def client_learning_rate(config: ClientConfig, round_num: int, num_rounds: int) -> float:
-    """Returns the client learning rate of a round under ``config.schedule``.
+def scheduled_value(
+    schedule: str, peak: float, round_num: int, num_rounds: int, warmup: int, key: str
+) -> float:
+    """Returns a learning rate of one round under a schedule over rounds.
 
     The schedule runs over rounds (the unit FL papers decay over): ``constant``; ``cosine``
     and ``linear`` decay to 0 at the last round; ``warmup_cosine`` warms up linearly over
-    ``warmup_steps`` rounds first.
+    ``warmup`` rounds first.
 
     Args:
-      config: the client config.
+      schedule: the schedule's name.
+      peak: the peak value.
       round_num: zero-based round index.
       num_rounds: total rounds of the run.
+      warmup: warmup rounds of ``warmup_cosine``.
+      key: the config key of the schedule (for the error message).
 
     Returns:
-      The learning rate, a Python float.
+      The value, a Python float.
+
+    Raises:
+      ConfigError: for an unknown schedule.
     """
     progress = round_num / max(num_rounds, 1)
-    if config.schedule == "constant":
-        return config.lr
-    if config.schedule == "cosine":
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if config.schedule == "linear":
-        return config.lr * (1.0 - progress)
-    if config.schedule == "warmup_cosine":
-        warmup = config.warmup_steps
+    if schedule == "constant":
+        return peak
+    if schedule == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return peak * (1.0 - progress)
+    if schedule == "warmup_cosine":
         if round_num < warmup:
-            return config.lr * (round_num + 1) / warmup
+            return peak * (round_num + 1) / warmup
         rest = (round_num - warmup) / max(num_rounds - warmup, 1)
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * rest))
-    raise ConfigError(
-        f"client.schedule={config.schedule!r}; valid: constant, cosine, linear, warmup_cosine."
+        return peak * 0.5 * (1.0 + math.cos(math.pi * rest))
+    raise ConfigError(f"{key}={schedule!r}; valid: constant, cosine, linear, warmup_cosine.")
+
+
+def client_learning_rate(config: ClientConfig, round_num: int, num_rounds: int) -> float:
+    """Returns the client learning rate of a round under ``client.schedule`` (over rounds)."""
+    return scheduled_value(
+        config.schedule, config.lr, round_num, num_rounds, config.warmup_steps, "client.schedule"
+    )
+
+
+def server_learning_rate(config: ServerConfig, round_num: int, num_rounds: int) -> float:
+    """Returns the server learning rate of a round under ``server.schedule``."""
+    return scheduled_value(
+        config.schedule, config.lr, round_num, num_rounds, config.warmup_rounds, "server.schedule"
     )
 
 
@@ -86,18 +105,24 @@ def make_server_optimizer(config: ServerConfig, name: str) -> optax.GradientTran
       name: ``sgd``, ``momentum``, ``adam``, ``yogi`` or ``adagrad``.
 
     Returns:
-      The optax transformation.
+      The optax transformation, built with `optax.inject_hyperparams` so that each round's
+      server learning rate (``server.schedule``) is an array in its state, never a recompile.
     """
-    if name == "sgd":
-        return optax.sgd(config.lr)
-    if name == "momentum":
-        return optax.sgd(config.lr, momentum=config.momentum)
-    if name == "adam":
-        return optax.adam(config.lr, b1=config.momentum, b2=config.b2, eps=config.eps)
-    if name == "yogi":
-        return optax.yogi(config.lr, b1=config.momentum, b2=config.b2, eps=config.eps)
-    if name == "adagrad":
-        return optax.adagrad(config.lr, initial_accumulator_value=0.0, eps=config.eps)
-    raise ConfigError(
-        f"server.optimizer={name!r}; valid choices: sgd, momentum, adam, yogi, adagrad."
-    )
+    factories = {
+        "sgd": lambda learning_rate: optax.sgd(learning_rate),
+        "momentum": lambda learning_rate: optax.sgd(learning_rate, momentum=config.momentum),
+        "adam": lambda learning_rate: optax.adam(
+            learning_rate, b1=config.momentum, b2=config.b2, eps=config.eps
+        ),
+        "yogi": lambda learning_rate: optax.yogi(
+            learning_rate, b1=config.momentum, b2=config.b2, eps=config.eps
+        ),
+        "adagrad": lambda learning_rate: optax.adagrad(
+            learning_rate, initial_accumulator_value=0.0, eps=config.eps
+        ),
+    }
+    if name not in factories:
+        raise ConfigError(
+            f"server.optimizer={name!r}; valid choices: sgd, momentum, adam, yogi, adagrad."
+        )
+    return optax.inject_hyperparams(factories[name])(learning_rate=config.lr)

@@ -18,18 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_llm.algorithms import Algorithm, build_algorithm
-from fedjax_llm.checkpoint import Checkpointer, config_differences
+from fedjax_llm.algorithms import Algorithm, HyperParams, build_algorithm
+from fedjax_llm.checkpoint import Checkpointer, CheckpointMismatchError, config_differences
 from fedjax_llm.config import (
     ConfigError,
     DataConfig,
     ExperimentConfig,
-    check_client_split,
     config_to_dict,
     dump_config,
 )
 from fedjax_llm.data import (
     ByteTokenizer,
+    ClientArrays,
     TaskData,
     Tokenizer,
     build_file_data,
@@ -39,8 +39,11 @@ from fedjax_llm.data import (
     save_partition_report,
 )
 from fedjax_llm.evaluation import (
+    evaluate_arrays,
     evaluate_examples,
+    make_arrays_eval_step,
     make_eval_step,
+    summarize_arrays,
     summarize_clients,
     summarize_global,
 )
@@ -48,11 +51,37 @@ from fedjax_llm.metrics import MetricsWriter, RoundProgress, summary_table
 from fedjax_llm.models.hf_loader import ModelLoadError, load_pretrained
 from fedjax_llm.models.llama import LlamaConfig, count_params, init_params
 from fedjax_llm.models.trainable import Trainable, make_trainable
-from fedjax_llm.optimizers import client_learning_rate
-from fedjax_llm.round import CLIENT_AXIS, ClientData, LocalSchedule, make_round_fn, round_hparams
-from fedjax_llm.sampling import sample_clients
-
-PyTree = Any
+from fedjax_llm.objectives import OBJECTIVES, Objective, check_fields
+from fedjax_llm.optimizers import client_learning_rate, server_learning_rate
+from fedjax_llm.pipeline import (
+    AGGREGATORS,
+    TRANSFORMS,
+    AggregationPipeline,
+    chain,
+    merge_hyperparams,
+)
+from fedjax_llm.round import (
+    CLIENT_AXIS,
+    ClientData,
+    LocalSchedule,
+    RoundOutput,
+    RoundState,
+    init_round_state,
+    make_round_fn,
+    make_sequential_round,
+    round_hparams,
+    upload_shape,
+)
+from fedjax_llm.sampling import (
+    AvailabilitySampler,
+    ClientSampler,
+    Cohort,
+    PoissonSampler,
+    UniformSampler,
+    cohort_slots,
+    make_cohort,
+)
+from kernels.pytree import PyTree
 
 
 class DivergenceError(RuntimeError):
@@ -69,46 +98,93 @@ def tree_bytes(tree: PyTree) -> int:
 
 
 class Simulation:
-    """A federated training run: data, model, algorithm, state and the round loop.
+    """A federated training run: data, model, algorithm, pipeline, state and the round loop.
 
-    Build it from a config, then call `run`. Attributes after construction: ``data`` (the
-    `TaskData`), ``trainable``, ``algorithm``, ``server_state``, ``client_store`` and
-    ``history``; after `run`, ``params`` gives the final global trainable parameters.
+    Build it from a config, then call `run` (or drive it yourself: `compile`, `run_round`,
+    `evaluate`). Attributes after construction: ``data`` (a `TaskData` or `ClientArrays`),
+    ``trainable``, ``algorithm``, ``pipeline``, ``objective``, ``sampler`` and ``state`` (a
+    `RoundState`: server state, pipeline state, client store); ``params`` gives the current
+    global trainable parameters.
+
+    Every argument after ``config`` replaces what the config would build, so research code can
+    bring its own pieces without touching the library.
 
     Args:
       config: the experiment config (validated here).
-      algorithm: optional custom `Algorithm`, replacing ``config.algorithm``.
+      algorithm: a custom `Algorithm`, replacing ``config.algorithm``.
       verbose: print partition statistics, progress and the summary table.
+      pipeline: a custom `AggregationPipeline`, replacing ``config.aggregation``.
+      objective: a custom `Objective`, replacing ``client.objective``.
+      sampler: a custom client sampler (`fedjax_llm.sampling.ClientSampler`, e.g. a
+        `ScheduledSampler` of given client ids per round), replacing ``config.sampling``.
+      data: a `ClientArrays` of pre-tokenized or other per-example client data, replacing
+        ``config.data`` (no tokenizer is loaded when ``pretrained.path`` has none).
+      init_params: initial global trainable parameters (e.g. a given LoRA init), replacing
+        the seeded init; must match the trainable's structure and shapes.
     """
 
     def __init__(
-        self, config: ExperimentConfig, algorithm: Algorithm | None = None, verbose: bool = True
+        self,
+        config: ExperimentConfig,
+        algorithm: Algorithm | None = None,
+        verbose: bool = True,
+        *,
+        pipeline: AggregationPipeline | None = None,
+        objective: Objective | None = None,
+        sampler: ClientSampler | None = None,
+        data: ClientArrays | None = None,
+        init_params: PyTree | None = None,
     ):
         self.config = config.validate()
         self.verbose = verbose
         self.run_dir = config.run.output_dir
         init_key, trainable_key, self.train_key = run_keys(config)
         self.mesh = client_mesh(config)
-        self.model_config, base, self.tokenizer, self.trainable = build_model(config, init_key)
-        self.data: TaskData = build_data(config.data, self.tokenizer)
-        self.num_clients = self.data.train.num_clients
-        if config.run.num_clients_per_round > self.num_clients:
-            raise ConfigError(
-                f"run.num_clients_per_round={config.run.num_clients_per_round} exceeds the "
-                f"{self.num_clients} clients of the data; sample fewer clients per round."
-            )
-        params = self.trainable.init(trainable_key, base)
-        self.frozen = self.trainable.frozen(base)
-        self.algorithm = algorithm or build_algorithm(config)
-        self.server_state = self.algorithm.server_init(params)
-        one_state = self.algorithm.client_state_init(params)
-        self.client_store = jax.tree.map(
-            lambda x: jnp.zeros((self.num_clients,) + x.shape, x.dtype) + x, one_state
+        self.model_config, base, self.tokenizer, self.trainable = build_model(
+            config, init_key, need_tokenizer=data is None
         )
-        train = self.data.train
+        self.data: TaskData | ClientArrays = data if data is not None else build_data(
+            config.data, self.tokenizer
+        )
+        train = self.data if isinstance(self.data, ClientArrays) else self.data.train
+        self.num_clients = train.num_clients
+        pad_id = self.tokenizer.pad_id if self.tokenizer is not None else 0
+        self.objective = objective or OBJECTIVES[config.client.objective](
+            self.trainable.apply, pad_id, config
+        )
+        self.algorithm = algorithm or build_algorithm(config)
+        self.pipeline = pipeline or build_pipeline(config)
+        self.sampler = sampler or build_sampler(config, self.num_clients)
+        devices = 1 if self.mesh is None else self.mesh.size
+        self.slots = cohort_slots(self.sampler.max_cohort, config.run.clients_per_chunk, devices)
+        examples = train.examples
+        if not isinstance(examples, dict):
+            examples = {"tokens": examples.tokens, "loss_mask": examples.loss_mask}
+        try:
+            check_fields(self.objective, examples, "the training data")
+            values = merge_hyperparams(self.algorithm.hyperparams, self.pipeline.hyperparams)
+        except ValueError as err:
+            raise ConfigError(f"client.objective / aggregation: {err}") from None
+        self._hyperparam_defaults = values
+        params = self.trainable.init(trainable_key, base)
+        if init_params is not None:
+            params = _checked_init_params(init_params, params)
+        frozen = self.trainable.frozen(base)
+        self.state = init_round_state(
+            self.algorithm,
+            params,
+            self.num_clients,
+            self.pipeline,
+            frozen=frozen,
+            hparams=round_hparams(0.0, values=values),
+        )
+        # An algorithm that owns the base keeps it in its server state (checkpointed there).
+        self._frozen = None if self.algorithm.server_frozen is not None else frozen
         self.client_data = ClientData(
-            tokens=jnp.asarray(train.examples.tokens, jnp.int32),
-            loss_mask=jnp.asarray(train.examples.loss_mask, jnp.float32),
+            examples={
+                name: jnp.asarray(x, jnp.int32 if name == "tokens" else None)
+                for name, x in examples.items()
+            },
             client_start=jnp.asarray(train.client_start, jnp.int32),
             client_count=jnp.asarray(train.client_count, jnp.int32),
         )
@@ -118,27 +194,42 @@ class Simulation:
             batch_size=c.batch_size,
             max_client_examples=int(train.client_count.max()),
             local_epochs=c.local_epochs,
+            shuffle=c.shuffle,
         )
-        round_fn = make_round_fn(
-            self.algorithm,
-            self.trainable.apply,
-            self.schedule,
+        self._check_gathering_memory()
+        round_args = dict(
             num_clients_total=self.num_clients,
-            clients_per_chunk=config.run.clients_per_chunk,
-            mesh=self.mesh,
-            pad_id=self.tokenizer.pad_id,
+            pipeline=self.pipeline,
             uniform_weighting=config.algorithm.weighting == "uniform",
         )
-        # Donating the server state and the client store lets XLA update them in place.
-        self.round_fn = jax.jit(round_fn, donate_argnums=(1, 2))
-        # Plain text has no reference answers: evaluation is loss and perplexity only.
-        generates = self.data.stats.get("exact_match_meaningful", True)
-        self.eval_step = make_eval_step(
-            self.trainable,
-            config.eval.max_new_tokens if generates else 0,
-            self.tokenizer.eos_id,
-            self.tokenizer.pad_id,
-        )
+        if config.run.engine == "sequential":
+            self.round_fn = make_sequential_round(
+                self.algorithm, self.objective, self.schedule, **round_args
+            )
+        else:
+            round_fn = make_round_fn(
+                self.algorithm,
+                self.objective,
+                self.schedule,
+                clients_per_chunk=config.run.clients_per_chunk,
+                mesh=self.mesh,
+                **round_args,
+            )
+            # Donating the state lets XLA update it (and the client store) in place.
+            self.round_fn = jax.jit(round_fn, donate_argnums=(1,))
+        self._compiled: Any = None
+        if isinstance(self.data, ClientArrays):
+            self.eval_step = make_arrays_eval_step(self.objective)
+        else:
+            # Plain text has no reference answers: evaluation is loss and perplexity only.
+            generates = self.data.stats.get("exact_match_meaningful", True)
+            self.eval_step = make_eval_step(
+                self.trainable,
+                config.eval.max_new_tokens if generates else 0,
+                self.tokenizer.eos_id,
+                pad_id,
+                self.objective,
+            )
         self.history: list[dict] = []
         self.start_round = 0
         self.compile_time_s: float | None = None
@@ -147,13 +238,53 @@ class Simulation:
     @property
     def params(self) -> PyTree:
         """The current global trainable parameters."""
-        return self.algorithm.server_params(self.server_state)
+        return self.algorithm.server_params(self.state.server)
+
+    @property
+    def server_state(self) -> PyTree:
+        """The algorithm's server state."""
+        return self.state.server
+
+    @property
+    def client_store(self) -> PyTree:
+        """The per-client state store (`ClientStates` with a leading client axis)."""
+        return self.state.clients
+
+    @property
+    def frozen(self) -> PyTree:
+        """The frozen base the clients train against (from the server state if it owns it)."""
+        if self.algorithm.server_frozen is not None:
+            return self.algorithm.server_frozen(self.state.server)
+        return self._frozen
+
+    def _check_gathering_memory(self) -> None:
+        if not self.pipeline.aggregator.gathers:
+            return
+        one = jax.tree.map(lambda x: x[0], self.state.clients.algorithm)
+        like = upload_shape(
+            self.algorithm,
+            self.pipeline,
+            self.state.server,
+            one,
+            round_hparams(0.0, values=self._hyperparam_defaults),
+        )
+        need = tree_bytes(like) * self.slots
+        limit = device_memory_bytes()
+        if need > limit // 2:
+            raise ConfigError(
+                f"aggregation.aggregator={self.config.aggregation.aggregator!r} gathers every "
+                f"sampled client's upload: {self.slots} x {tree_bytes(like):,} bytes = {need:,}, "
+                f"more than half of the device's {limit:,} bytes. Use a streaming aggregator "
+                "(mean), fewer run.num_clients_per_round, or a smaller trainable (trainable.mode="
+                "lora)."
+            )
 
     # ----------------------------------------------------------------------------- state
     def _state(self) -> dict:
         return {
-            "server_state": self.server_state,
-            "client_store": self.client_store,
+            "server_state": self.state.server,
+            "pipeline_state": self.state.pipeline,
+            "client_store": self.state.clients,
             "train_key": jax.random.key_data(self.train_key),
         }
 
@@ -188,13 +319,17 @@ class Simulation:
             )
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
             f.write(dump_config(self.config))
-        with open(os.path.join(self.run_dir, "partition.json"), "w") as f:
-            json.dump(self.data.stats, f, indent=1)
-        save_partition_report(self.data, os.path.join(self.run_dir, "partition.png"))
+        if run.partition_report:
+            with open(os.path.join(self.run_dir, "partition.json"), "w") as f:
+                json.dump(self.data.stats, f, indent=1)
+            if isinstance(self.data, TaskData):
+                save_partition_report(self.data, os.path.join(self.run_dir, "partition.png"))
 
     def _restore(self, round_num: int) -> None:
         assert self.checkpointer is not None
-        state, meta = self.checkpointer.restore(round_num, self._state())
+        # Compare configs first: a different model, mode or algorithm is named by its fields,
+        # not reported as mismatching arrays.
+        meta = self.checkpointer.metadata(round_num)
         diffs = config_differences(meta["config"], config_to_dict(self.config))
         if diffs:
             raise ConfigError(
@@ -202,8 +337,18 @@ class Simulation:
                 f"config; differing fields: {diffs}. Resume with the original config (only "
                 "run.num_rounds and logging/checkpoint settings may change)."
             )
-        self.server_state = jax.tree.map(jnp.asarray, state["server_state"])
-        self.client_store = jax.tree.map(jnp.asarray, state["client_store"])
+        try:
+            state, meta = self.checkpointer.restore(round_num, self._state())
+        except CheckpointMismatchError as err:
+            raise ConfigError(
+                f"{err} The config matches, so the code that built this run's state differs "
+                "(a custom algorithm, pipeline or init passed from Python?)."
+            ) from None
+        self.state = RoundState(
+            server=jax.tree.map(jnp.asarray, state["server_state"]),
+            pipeline=jax.tree.map(jnp.asarray, state["pipeline_state"]),
+            clients=jax.tree.map(jnp.asarray, state["client_store"]),
+        )
         self.train_key = jax.random.wrap_key_data(jnp.asarray(state["train_key"]))
         self.history = meta["history"]
         self.start_round = round_num
@@ -212,54 +357,90 @@ class Simulation:
     def evaluate(self) -> dict:
         """Evaluates the current global model on the global and per-client held-out sets."""
         bs = self.config.eval.batch_size
-        params = self.params
+        params, frozen = self.params, self.frozen
+        if isinstance(self.data, ClientArrays):
+            if self.data.eval is None:
+                return {}
+            per_example = evaluate_arrays(self.eval_step, frozen, params, self.data.eval, bs)
+            return summarize_arrays(per_example, "eval")
         per_example = evaluate_examples(
-            self.eval_step, self.frozen, params, self.data.eval, self.tokenizer, bs
+            self.eval_step, frozen, params, self.data.eval, self.tokenizer, bs
         )
         out = summarize_global(per_example, self.data.eval)
         if self.config.eval.per_client:
             test = self.data.client_test
             per_client = evaluate_examples(
-                self.eval_step, self.frozen, params, test.examples, self.tokenizer, bs
+                self.eval_step, frozen, params, test.examples, self.tokenizer, bs
             )
             out.update(summarize_clients(per_client, test))
         return out
 
     # ----------------------------------------------------------------------------- loop
+    def hyperparams(self, round_num: int) -> HyperParams:
+        """The round-varying values of a round: learning rates from their schedules and the
+        algorithm's and pipeline's declared hyperparameters."""
+        c, run = self.config, self.config.run
+        return round_hparams(
+            client_learning_rate(c.client, round_num, run.num_rounds),
+            server_learning_rate(c.server, round_num, run.num_rounds),
+            self._hyperparam_defaults,
+        )
+
+    def cohort(self, round_num: int) -> Cohort:
+        """The clients of a round on the padded client axis (a pure function of the round)."""
+        ids = self.sampler.sample(round_num)
+        return make_cohort(
+            ids, self.slots, self.config.sampling.dropout, self.config.run.seed, round_num
+        )
+
     def _round_args(self, round_num: int) -> tuple:
-        run = self.config.run
-        ids = sample_clients(run.seed, round_num, self.num_clients, run.num_clients_per_round)
-        lr = client_learning_rate(self.config.client, round_num, run.num_rounds)
+        cohort = self.cohort(round_num)
         round_key = jax.random.fold_in(self.train_key, round_num)
-        return ids, round_key, round_hparams(lr), lr
+        return cohort, round_key, self.hyperparams(round_num)
 
     def compile(self) -> float:
-        """Compiles the round ahead of time; returns the compile time in seconds."""
-        ids, round_key, hparams, _ = self._round_args(self.start_round)
+        """Compiles the round ahead of time; returns the compile time in seconds (0 for the
+        sequential engine, whose pieces compile on first use)."""
+        cohort, round_key, hparams = self._round_args(self.start_round)
         t0 = time.perf_counter()
-        self._compiled = self.round_fn.lower(
-            self.frozen,
-            self.server_state,
-            self.client_store,
-            self.client_data,
-            jnp.asarray(ids),
-            round_key,
-            hparams,
-        ).compile()
+        if self.config.run.engine == "sequential":
+            self._compiled = self.round_fn
+        else:
+            self._compiled = self.round_fn.lower(
+                self.frozen,
+                self.state,
+                self.client_data,
+                jax.tree.map(jnp.asarray, cohort),
+                round_key,
+                hparams,
+            ).compile()
         self.compile_time_s = time.perf_counter() - t0
         return self.compile_time_s
 
+    def run_round(self, round_num: int) -> tuple[RoundOutput, Cohort]:
+        """Runs one round (zero-based ``round_num``) and updates ``state``; returns the
+        round's output (fetched to the host) and cohort."""
+        if self._compiled is None:
+            self.compile()
+        cohort, round_key, hparams = self._round_args(round_num)
+        self.state, out = self._compiled(
+            self.frozen,
+            self.state,
+            self.client_data,
+            jax.tree.map(jnp.asarray, cohort),
+            round_key,
+            hparams,
+        )
+        return jax.device_get(out), cohort
+
     def _communication(self) -> tuple[int, int]:
         """Bytes one client downloads (the broadcast) and uploads (its `ClientOutput`)."""
-        broadcast = jax.eval_shape(self.algorithm.broadcast, self.server_state)
-        one_state = jax.tree.map(lambda x: x[0], self.client_store)
-        hparams = round_hparams(0.0)
-
-        def upload(broadcast):
-            train_state = self.algorithm.client_init(broadcast, one_state, hparams)
-            return self.algorithm.client_final(broadcast, train_state, one_state, hparams)[0]
-
-        return tree_bytes(broadcast), tree_bytes(jax.eval_shape(upload, broadcast))
+        broadcast = jax.eval_shape(self.algorithm.broadcast, self.state.server)
+        one = jax.tree.map(lambda x: x[0], self.state.clients.algorithm)
+        like = upload_shape(
+            self.algorithm, self.pipeline, self.state.server, one, self.hyperparams(0)
+        )
+        return tree_bytes(broadcast), tree_bytes(like)
 
     def run(self) -> list[dict]:
         """Runs the remaining rounds; returns the metric history (one dict per record).
@@ -268,16 +449,18 @@ class Simulation:
           DivergenceError: on a NaN or infinite training loss.
           RunDirectoryError: if the run directory would overwrite an earlier run.
           ConfigError: if resuming from a checkpoint made with an incompatible config.
+          CohortOverflowError: if a Poisson draw exceeds the compiled cohort bound.
         """
         config, run = self.config, self.config.run
         self._prepare_run_dir()
         assert self.checkpointer is not None
         writer = MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"), self.history)
         progress = RoundProgress(run.num_rounds, self.start_round, enabled=self.verbose)
+        evaluates = config.eval.every > 0
         try:
             self._print_header(progress)
             if self.start_round == 0:
-                record = {"round": 0, **self.evaluate()}
+                record = {"round": 0, **(self.evaluate() if evaluates else {})}
                 self.history.append(record)
                 writer.write(record)
             compile_s = self.compile()
@@ -287,34 +470,11 @@ class Simulation:
             end = min(run.num_rounds, run.stop_after or run.num_rounds)
             with progress:
                 for r in range(self.start_round, end):
-                    ids, round_key, hparams, lr = self._round_args(r)
                     t0 = time.perf_counter()
-                    self.server_state, self.client_store, out = self._compiled(
-                        self.frozen,
-                        self.server_state,
-                        self.client_store,
-                        self.client_data,
-                        jnp.asarray(ids),
-                        round_key,
-                        hparams,
-                    )
-                    out = jax.device_get(out)
+                    out, cohort = self.run_round(r)
                     wall = time.perf_counter() - t0
                     completed = r + 1
-                    participants = int((out.weights > 0).sum())
-                    record = {
-                        "round": completed,
-                        "train_loss": float(out.train_loss),
-                        "client_lr": lr,
-                        "round_time_s": wall,
-                        "tokens": float(out.metrics.tokens),
-                        "tokens_per_s": float(out.metrics.tokens) / wall,
-                        "client_updates_per_s": len(ids) / wall,
-                        "local_steps": int(out.metrics.steps),
-                        "participants": participants,
-                        "bytes_down": down_bytes * len(ids),
-                        "bytes_up": up_bytes * participants,
-                    }
+                    record = self._round_record(r, out, cohort, wall, down_bytes, up_bytes)
                     if r == self.start_round:
                         record["compile_time_s"] = compile_s
                     if not math.isfinite(record["train_loss"]):
@@ -324,12 +484,14 @@ class Simulation:
                             f"last good checkpoint is {last_good or 'none (no checkpoint yet)'}. "
                             "Lower client.lr or server.lr, or set client.grad_clip_norm."
                         )
-                    if completed % config.eval.every == 0 or completed == end:
+                    if evaluates and (completed % config.eval.every == 0 or completed == end):
                         record.update(self.evaluate())
                     self.history.append(record)
                     writer.write(record)
                     every = run.checkpoint_every
-                    if (every and completed % every == 0) or completed == end:
+                    if run.save_checkpoints and (
+                        (every and completed % every == 0) or completed == end
+                    ):
                         self.checkpointer.save(completed, self._state(), self._metadata(completed))
                         last_good = self.checkpointer.path(completed)
                     if completed % run.log_every == 0:
@@ -340,16 +502,53 @@ class Simulation:
             self.checkpointer.close()
         return self.history
 
+    def _round_record(
+        self,
+        r: int,
+        out: RoundOutput,
+        cohort: Cohort,
+        wall: float,
+        down_bytes: int,
+        up_bytes: int,
+    ) -> dict:
+        sampled = int(cohort.participating.sum())
+        delivered = int((out.weights > 0).sum())
+        record = {
+            "round": r + 1,
+            "train_loss": float(out.train_loss),
+            "client_lr": float(self.hyperparams(r).client_lr),
+            "server_lr": float(self.hyperparams(r).server_lr),
+            "round_time_s": wall,
+            "client_updates_per_s": sampled / wall,
+            "local_steps": int(out.metrics["steps"]),
+            "sampled": sampled,
+            "participants": delivered,
+            "dropped": int((cohort.participating & ~cohort.delivered).sum()),
+            "padding_slots": self.slots - sampled,
+            "bytes_down": down_bytes * sampled,
+            "bytes_up": up_bytes * int(cohort.delivered.sum()),
+        }
+        if "tokens" in out.metrics:
+            record["tokens"] = float(out.metrics["tokens"])
+            record["tokens_per_s"] = record["tokens"] / wall
+        for name, value in out.pipeline.items():
+            record[f"pipeline/{name}"] = float(value)
+        return record
+
     # ----------------------------------------------------------------------------- output
     def _print_header(self, progress: RoundProgress) -> None:
         if not self.verbose:
             return
         c = self.config
-        progress.log(format_partition_stats(self.data.stats))
+        if isinstance(self.data, TaskData):
+            progress.log(format_partition_stats(self.data.stats))
+        padding = self.slots - self.sampler.max_cohort
         progress.log(
             f"model: {count_params(init_params_shape(self.model_config))} params, trainable "
             f"({c.trainable.mode}): {count_params(self.params)}; algorithm {c.algorithm.name}; "
-            f"{c.run.num_clients_per_round} of {self.num_clients} clients per round; "
+            f"{c.sampling.kind} sampling of {c.run.num_clients_per_round} of "
+            f"{self.num_clients} clients per round in {self.slots} slots"
+            f"{f' ({padding} padding)' if padding else ''}; "
             f"clients sharded over {1 if self.mesh is None else self.mesh.size} of "
             f"{jax.device_count()} device(s): {jax.devices()[0].device_kind}"
         )
@@ -397,9 +596,70 @@ def run_keys(config: ExperimentConfig) -> RunKeys:
     return RunKeys(*jax.random.split(jax.random.key(config.run.seed), 3))
 
 
+def build_pipeline(config: ExperimentConfig) -> AggregationPipeline:
+    """The aggregation pipeline ``config.aggregation`` names: its transforms, then aggregator."""
+    a = config.aggregation
+    transforms = [TRANSFORMS[name](config) for name in a.transforms]
+    return AggregationPipeline(chain(*transforms), AGGREGATORS[a.aggregator](config))
+
+
+def build_sampler(config: ExperimentConfig, num_clients: int) -> ClientSampler:
+    """The client sampler ``config.sampling`` names, for a population of ``num_clients``.
+
+    Raises:
+      ConfigError: for settings that do not fit the population.
+    """
+    s, run = config.sampling, config.run
+    try:
+        if s.kind == "poisson":
+            return PoissonSampler(
+                run.seed,
+                num_clients,
+                run.num_clients_per_round / num_clients,
+                s.overflow_probability,
+                s.max_cohort,
+            )
+        if s.kind == "availability":
+            return AvailabilitySampler(
+                run.seed, num_clients, run.num_clients_per_round, s.availability
+            )
+        return UniformSampler(run.seed, num_clients, run.num_clients_per_round)
+    except ValueError as err:
+        raise ConfigError(f"sampling: {err}") from None
+
+
+def device_memory_bytes() -> int:
+    """Memory of one local device: the accelerator's limit, or the host's RAM on a CPU."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _checked_init_params(given: PyTree, like: PyTree) -> PyTree:
+    """User-given initial trainable params, checked against the trainable's own."""
+    given_paths = jax.tree_util.tree_flatten_with_path(given)[0]
+    like_paths = jax.tree_util.tree_flatten_with_path(like)[0]
+    names = [jax.tree_util.keystr(p) for p, _ in like_paths]
+    if [jax.tree_util.keystr(p) for p, _ in given_paths] != names:
+        raise ConfigError(
+            f"init_params has entries {[jax.tree_util.keystr(p) for p, _ in given_paths][:6]}, "
+            f"the trainable ({names[:6]}...) needs exactly its own structure."
+        )
+    out = []
+    for (path, g), (_, x) in zip(given_paths, like_paths, strict=True):
+        if tuple(np.shape(g)) != tuple(x.shape):
+            raise ConfigError(
+                f"init_params{jax.tree_util.keystr(path)} has shape {np.shape(g)}, the "
+                f"trainable needs {x.shape}."
+            )
+        out.append(jnp.asarray(g, x.dtype))
+    return jax.tree_util.tree_unflatten(jax.tree.structure(like), out)
+
+
 def build_model(
-    config: ExperimentConfig, key: jax.Array
-) -> tuple[LlamaConfig, PyTree, Tokenizer, Trainable]:
+    config: ExperimentConfig, key: jax.Array, need_tokenizer: bool = True
+) -> tuple[LlamaConfig, PyTree, Tokenizer | None, Trainable]:
     """The base model, its tokenizer and what clients train on it.
 
     The base is a local pretrained directory (``pretrained.path``) or a random byte-level Llama,
@@ -408,6 +668,8 @@ def build_model(
     Args:
       config: the experiment.
       key: init key of a random model.
+      need_tokenizer: whether the run tokenizes text; without it a pretrained directory may
+        lack tokenizer files (data given as token ids), and the tokenizer is then None.
 
     Returns:
       (architecture, base params, tokenizer, trainable).
@@ -429,11 +691,16 @@ def build_model(
                 load_dtype=config.pretrained.load_dtype,
                 scan_unroll=config.model.scan_unroll,
             )
-            chat_template = _read_chat_template(config.data.chat_template)
-            tokenizer = load_tokenizer(config.pretrained.path, chat_template=chat_template)
         except (ModelLoadError, ValueError, FileNotFoundError) as err:
             raise ConfigError(f"pretrained.path: {err}") from None
-    if model_config.vocab_size < tokenizer.vocab_size:
+        try:
+            chat_template = _read_chat_template(config.data.chat_template)
+            tokenizer = load_tokenizer(config.pretrained.path, chat_template=chat_template)
+        except (ModelLoadError, ValueError, FileNotFoundError, OSError) as err:
+            if need_tokenizer:
+                raise ConfigError(f"pretrained.path: {err}") from None
+            tokenizer = None
+    if tokenizer is not None and model_config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
             f"the model's vocabulary ({model_config.vocab_size}) is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} tokens; set model.vocab_size >= {tokenizer.vocab_size}."
@@ -447,8 +714,7 @@ def client_mesh(config: ExperimentConfig) -> jax.sharding.Mesh | None:
     """The device mesh the sampled clients are sharded over, or None for one device.
 
     Raises:
-      ConfigError: if more devices are asked for than exist, or they do not divide the clients
-        of a round into whole chunks.
+      ConfigError: if more devices are asked for than exist.
     """
     available = jax.local_devices()
     count = config.run.devices or len(available)
@@ -456,7 +722,6 @@ def client_mesh(config: ExperimentConfig) -> jax.sharding.Mesh | None:
         raise ConfigError(
             f"run.devices={count} but this host has {len(available)} device(s): {available}."
         )
-    check_client_split(config.run, count)
     if count == 1:
         return None
     return jax.sharding.Mesh(np.asarray(available[:count]), (CLIENT_AXIS,))
@@ -659,7 +924,10 @@ def load_trained(run_dir: str) -> TrainedModel:
 
 
 def simulate(
-    config: ExperimentConfig, algorithm: Algorithm | None = None, verbose: bool = False
+    config: ExperimentConfig,
+    algorithm: Algorithm | None = None,
+    verbose: bool = False,
+    **pieces: Any,
 ) -> list[dict]:
     """Runs a federated simulation and returns its metric history.
 
@@ -667,9 +935,11 @@ def simulate(
       config: the experiment (see `fedjax_llm.load_config`).
       algorithm: optional custom `Algorithm` (see the README's example).
       verbose: print partition statistics, a progress bar and the summary table.
+      **pieces: any of `Simulation`'s keyword arguments (``pipeline``, ``objective``,
+        ``sampler``, ``data``, ``init_params``).
 
     Returns:
       One dict per record: round 0 holds the evaluation before training, every later record
       the round's training metrics, and evaluation metrics at evaluation rounds.
     """
-    return Simulation(config, algorithm, verbose=verbose).run()
+    return Simulation(config, algorithm, verbose=verbose, **pieces).run()

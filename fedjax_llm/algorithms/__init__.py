@@ -14,6 +14,7 @@ from fedjax_llm.algorithms.base import (
     ServerState,
     init_client_optimizer,
     server_optimizer_update,
+    set_learning_rate,
     sgd_step,
 )
 from fedjax_llm.algorithms.fedavg import make_fedavg
@@ -58,6 +59,17 @@ def build_algorithm(config: ExperimentConfig) -> Algorithm:
     if name not in ALGORITHMS:
         raise ConfigError(f"algorithm.name={name!r}; valid choices: {sorted(ALGORITHMS)}.")
     builder, implied = ALGORITHMS[name]
+    client = config.client
+    if name == "scaffold" and (
+        client.optimizer != "sgd" or client.grad_clip_norm is not None or client.weight_decay
+    ):
+        raise ConfigError(
+            f"algorithm.name=scaffold needs plain SGD local steps: its control update "
+            f"(x - y_i) / (K lr) is wrong for client.optimizer={client.optimizer!r}"
+            f"{', client.grad_clip_norm' if client.grad_clip_norm is not None else ''}"
+            f"{', client.weight_decay' if client.weight_decay else ''}. Set client.optimizer=sgd "
+            "(without grad_clip_norm or weight_decay), or use fedavg/fedprox with that optimizer."
+        )
     server_name = config.server.optimizer or implied
     if config.server.optimizer and implied != "sgd" and config.server.optimizer != implied:
         raise ConfigError(
@@ -88,5 +100,6 @@ __all__ = [
     "make_scaffold",
     "register_algorithm",
     "server_optimizer_update",
+    "set_learning_rate",
     "sgd_step",
 ]

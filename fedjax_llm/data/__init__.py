@@ -1,6 +1,7 @@
 """Data: tokenization, built-in offline tasks, real datasets from files, partitioners and
 federated datasets (host numpy)."""
 
+from fedjax_llm.data.client_arrays import ClientArrays
 from fedjax_llm.data.federated_dataset import (
     FederatedDataset,
     TaskData,
@@ -54,6 +55,7 @@ from fedjax_llm.data.tasks import (
 from fedjax_llm.data.tokenizer import ByteTokenizer, Tokenizer
 
 __all__ = [
+    "ClientArrays",
     "CHATML_TEMPLATE",
     "DEFAULT_FAMILIES",
     "FILE_COLUMN",
