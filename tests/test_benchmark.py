@@ -1,7 +1,8 @@
-"""Tests of scripts/benchmark.py: an end-to-end smoke run and its pure helpers.
+"""Tests of fedjax_llm/benchmarking.py and its command line, scripts/benchmark.py: an end-to-end
+quick run and the pure helpers.
 
 Timings are never asserted against targets here (the CI machine is small and noisy); only that
-the script runs, measures positive numbers and that the two variants compute the same round.
+the harness runs, measures positive numbers and that the two variants compute the same round.
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
+import jax
 import pytest
+
+from fedjax_llm import benchmarking
+from fedjax_llm.models.llama import count_params, init_params
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "benchmark.py")
 
@@ -20,30 +24,28 @@ SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "benchmar
 def _load_script():
     spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    # Registered first: dataclasses resolve string annotations through sys.modules.
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-benchmark = _load_script()
+cli = _load_script()
 
 
 @pytest.mark.slow
-def test_quick_run_writes_consistent_json(tmp_path):
+def test_quick_run_writes_consistent_json(tmp_path, capsys):
+    # One C and a small peak matmul keep it fast; chunk 3 does not divide C=2 and is skipped.
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "new global params equal" in proc.stdout
+    argv = ["--quick", "--clients", "2", "--chunk", "2", "3", "--peak-size", "128"]
+    argv += ["--peak-repeats", "2", "--out", str(out)]
+    assert cli.main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "new global params equal" in stdout and f"results written to {out}" in stdout
     results = json.loads(out.read_text())
 
     for key in (
         "schema_version",
+        "command",
         "device",
         "peak",
         "peak_end",
@@ -51,19 +53,25 @@ def test_quick_run_writes_consistent_json(tmp_path):
         "settings",
         "models",
         "rows",
+        "skipped",
         "targets",
     ):
         assert key in results
-    assert results["quick"] is True
+    assert results["schema_version"] == benchmarking.SCHEMA_VERSION
+    assert results["quick"] is True and results["command"][1:] == argv
     assert results["device"]["device_kind"] and results["device"]["cpu_count"] >= 1
     assert results["peak"]["gflops"] > 0 and results["peak"]["best_gflops"] > 0
+    assert results["peak"]["size"] == 128
+    assert results["settings"]["rounds"] == 2 and results["settings"]["warmup"] == 1
     tiny = results["models"]["tiny"]
     assert 50_000 < tiny["params"] < 200_000 and tiny["train_flops_per_token"] > 0
+    assert results["skipped"] == ["tiny C=2: chunk 3 does not divide C"]
 
     rows = results["rows"]
-    assert {(r["clients"], r["variant"]) for r in rows} == {
-        (c, v) for c in benchmark.QUICK_CLIENTS for v in ("sequential", "vmapped")
-    }
+    assert [(r["variant"], r["chunk"], r["clients"]) for r in rows] == [
+        ("sequential", None, 2),
+        ("vmapped", 2, 2),
+    ]
     for row in rows:
         assert len(row["round_s_all"]) == 2
         for key in (
@@ -76,14 +84,29 @@ def test_quick_run_writes_consistent_json(tmp_path):
         ):
             assert row[key] > 0, (key, row)
         assert row["tokens_per_s"] == pytest.approx(row["tokens_per_round"] / row["round_s"])
-        if row["variant"] == "vmapped":
-            assert row["check"]["allclose"], row["check"]
-            assert row["vmapped_over_sequential"] > 0
+    sequential, vmapped = rows
+    assert vmapped["check"]["allclose"], vmapped["check"]
+    assert vmapped["check"]["train_loss_diff"] <= 1e-5
+    assert vmapped["train_loss"] == pytest.approx(sequential["train_loss"], rel=1e-5)
+    assert vmapped["vmapped_over_sequential"] == pytest.approx(
+        vmapped["round_s"] / sequential["round_s"]
+    )
 
     statuses = {t["target"]: t["status"] for t in results["targets"]}
     assert len(statuses) == 3 and set(statuses.values()) <= {"PASS", "FAIL", "SKIP"}
     # The quick run measures neither of the MFU target rows.
     assert sum(s == "SKIP" for s in statuses.values()) == 2
+
+
+def test_compile_time_of_a_variant_compiled_on_first_use():
+    def run(state, args):
+        raise AssertionError("not called")
+
+    ahead = benchmarking.Variant("vmapped", 4, run, compile_s=1.5, round_s=[0.1, 0.2])
+    assert ahead.compile_time() == 1.5
+    # First round minus the median timed round.
+    lazy = benchmarking.Variant("sequential", None, run, first_round_s=3.0, round_s=[0.4, 1.0, 0.5])
+    assert lazy.compile_time() == pytest.approx(2.5)
 
 
 def _row(model, clients, variant, chunk, round_s, mfu, ratio=None):
@@ -109,7 +132,7 @@ def test_targets_use_the_best_chunk():
         _row("tiny", 256, "sequential", None, 1.0, 0.20),
         _row("tiny", 256, "vmapped", 256, 1.05, 0.25, 1.05),
     ]
-    by_target = {t["target"]: t for t in benchmark.check_targets(rows)}
+    by_target = {t["target"]: t for t in benchmarking.check_targets(rows)}
     statuses = [t["status"] for t in by_target.values()]
     assert statuses == ["PASS", "FAIL", "PASS"]
     assert "chunk 32" in list(by_target.values())[0]["detail"]
@@ -120,27 +143,35 @@ def test_targets_fail_when_vmapped_is_slower_and_skip_when_unmeasured():
         _row("tiny", 8, "sequential", None, 1.0, 0.2),
         _row("tiny", 8, "vmapped", 8, 1.2, 0.17, 1.2),
     ]
-    statuses = [t["status"] for t in benchmark.check_targets(rows)]
+    statuses = [t["status"] for t in benchmarking.check_targets(rows)]
     assert statuses == ["SKIP", "SKIP", "FAIL"]
 
 
-def test_parse_args_defaults():
-    args = benchmark.parse_args([])
+def test_parse_args_defaults_and_settings():
+    args = cli.parse_args([])
     assert args.models == ["lora-4m", "tiny"] and args.rounds == 5 and args.chunk is None
-    quick = benchmark.parse_args(["--quick"])
+    assert args.settings == benchmarking.BenchmarkSettings()
+    quick = cli.parse_args(["--quick", "--chunk", "2", "--no-sequential"])
     assert quick.models == ["tiny"] and quick.rounds == 2
-    with pytest.raises(SystemExit):
-        benchmark.parse_args(["--models", "gpt5"])
+    assert quick.settings == benchmarking.BenchmarkSettings(
+        models=("tiny",), chunks=(2,), rounds=2, sequential=False, quick=True
+    )
+    for bad in (["--models", "gpt5"], ["--rounds", "0"], ["--warmup", "-1"], ["--clients", "0"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(bad)
+
+
+def test_settings_refuse_unknown_models_and_modes():
+    with pytest.raises(ValueError, match="lora-4m"):
+        benchmarking.BenchmarkSettings(models=("gpt5",))
+    with pytest.raises(ValueError, match="soft_prompt"):
+        benchmarking.BenchmarkSettings(mode="adapter")
 
 
 def test_model_sizes_are_as_documented():
-    import jax
-
-    from fedjax_llm.models.llama import count_params, init_params
-
     sizes = {
         name: count_params(jax.eval_shape(lambda c=spec.config: init_params(c, jax.random.key(0))))
-        for name, spec in benchmark.MODELS.items()
+        for name, spec in benchmarking.MODELS.items()
     }
     assert 3_500_000 < sizes["lora-4m"] < 4_500_000
     assert 80_000 < sizes["tiny"] < 150_000
@@ -148,7 +179,7 @@ def test_model_sizes_are_as_documented():
 
 def test_format_table_aligns_columns():
     # Names (first two columns) are left-aligned, numbers right-aligned.
-    text = benchmark.format_table(("a", "b", "num"), [("xyz", "v", "1"), ("x", "vv", "1234")])
+    text = benchmarking.format_table(("a", "b", "num"), [("xyz", "v", "1"), ("x", "vv", "1234")])
     lines = text.splitlines()
     assert lines[0] == "a    b    num"
     assert lines[1] == "---  --  ----"
