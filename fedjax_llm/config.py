@@ -200,7 +200,10 @@ class ServerConfig:
       lr: server learning rate (1.0 with sgd is plain FedAvg).
       momentum: server momentum (FedAvgM) and b1 of adam/yogi.
       b2: second-moment decay of adam/yogi.
-      eps: adaptivity tau of adam/yogi/adagrad (Reddi et al. 2021).
+      eps: adaptivity of adam/yogi/adagrad, passed to optax as ``eps``. For adam and yogi it is
+        the tau of Reddi et al. 2021 (added to the root of the second moment); optax's adagrad
+        adds it under the root, so there it acts like tau = sqrt(eps). optax also
+        bias-corrects adam/yogi's moments, which the paper does not.
       schedule: schedule of the server learning rate over rounds (``constant``, ``cosine``,
         ``linear``, ``warmup_cosine``), passed to the round as an array.
       warmup_rounds: warmup rounds of ``warmup_cosine``.

@@ -101,6 +101,10 @@ class Aggregator(NamedTuple):
       gathers: whether the aggregator needs every upload at once (``start``/``accumulate`` are
         then unused); the round then holds all sampled clients' uploads in memory.
       hyperparams: round-varying scalars this aggregator reads from ``hparams.values``.
+      updates_when_empty: whether the server update runs in a round where no upload arrived.
+        By default it is skipped (the server state stays exactly as it was: a momentum or Adam
+        server would otherwise move on a zero aggregate). A differentially private aggregator
+        sets it, since whether anyone participated must not show in the model.
     """
 
     init: Callable
@@ -109,6 +113,7 @@ class Aggregator(NamedTuple):
     finalize: Callable
     gathers: bool = False
     hyperparams: Mapping[str, float] = NO_HYPERPARAMS
+    updates_when_empty: bool = False
 
 
 class AggregationPipeline(NamedTuple):

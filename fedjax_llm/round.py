@@ -258,7 +258,8 @@ def make_client_update(
             output, transform_state, client_state.transform, upload_key, hparams
         )
         participating = jnp.asarray(participating, jnp.float32)
-        delivered = jnp.asarray(delivered, jnp.float32)
+        # Only a participating client can deliver (whatever a hand-made cohort says).
+        delivered = jnp.asarray(delivered, jnp.float32) * participating
         took_steps = (train_state.steps > 0).astype(jnp.float32)
         size = jnp.float32(1.0) if uniform_weighting else count.astype(jnp.float32)
         metrics = {name: jnp.sum(value) for name, value in metrics.items()}
@@ -573,8 +574,12 @@ def finish_round(
     )
     info = RoundInfo(jnp.sum(weights > 0), num_clients_total, hparams)
     server = algorithm.server_update(state.server, aggregate, info, update_key)
+    if not pipeline.aggregator.updates_when_empty:
+        # No upload arrived: the server state stays exactly as it was.
+        server = _tree_where(info.num_participants > 0, server, state.server)
     # Only delivered clients commit their new state; padding and lost uploads write nowhere.
-    target = jnp.where(cohort.delivered, cohort.client_ids, num_clients_total)
+    delivered = jnp.logical_and(cohort.delivered, cohort.participating)
+    target = jnp.where(delivered, cohort.client_ids, num_clients_total)
     clients = jax.tree.map(
         lambda store, new: store.at[target].set(new, mode="drop"), state.clients, new_states
     )

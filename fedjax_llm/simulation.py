@@ -143,8 +143,8 @@ class Simulation:
         self.model_config, base, self.tokenizer, self.trainable = build_model(
             config, init_key, need_tokenizer=data is None
         )
-        self.data: TaskData | ClientArrays = data if data is not None else build_data(
-            config.data, self.tokenizer
+        self.data: TaskData | ClientArrays = (
+            data if data is not None else build_data(config.data, self.tokenizer)
         )
         train = self.data if isinstance(self.data, ClientArrays) else self.data.train
         self.num_clients = train.num_clients

@@ -50,17 +50,20 @@ def _check_example(namespace):
     algorithm = namespace["algorithm"]
     config = namespace["config"]
     sim = fedjax_llm.Simulation(config, algorithm=algorithm, verbose=False)
-    update = jax.jit(make_client_update(algorithm, sim.trainable.apply, sim.schedule, 0))
+    update = jax.jit(make_client_update(algorithm, sim.objective, sim.schedule))
     hparams = fedjax_llm.round.round_hparams(1.0)  # a large step so clipping must act
     out = update(
         sim.frozen,
         algorithm.broadcast(sim.server_state),
-        (),
+        sim.state.pipeline.transform,
+        jax.tree.map(lambda s: s[0], sim.client_store),
         sim.client_data,
         np.int32(0),
+        True,
+        True,
         jax.random.key(0),
         hparams,
-    )[0]
+    ).upload
     assert 0.0 < float(optax.tree.norm(out.delta)) <= 0.5 + 1e-5
 
 
