@@ -219,20 +219,93 @@ class ServerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class AlgorithmConfig:
-    """The federated algorithm.
+class AlgorithmConfig(draccus.ChoiceRegistry):
+    """The federated algorithm, chosen by ``algorithm.type``; each type has its own settings.
+
+    Types: ``fedavg``, ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad`` (FedAvg with that
+    server optimizer), ``fedprox`` (``mu``), ``scaffold``, or a type added with
+    `fedjax_llm.register_algorithm`. In YAML: ``algorithm: {type: fedprox, mu: 0.01}``; on the
+    command line: ``--algorithm.type fedprox --algorithm.mu 0.01``.
 
     Attributes:
-      name: ``fedavg``, ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad`` (FedAvg with
-        that server optimizer), ``fedprox``, ``scaffold``, or a name added with
-        `fedjax_llm.register_algorithm`.
-      prox_mu: proximal coefficient mu of FedProx.
-      weighting: aggregate client deltas weighted by ``num_examples`` or ``uniform``.
+      weighting: aggregate client uploads weighted by ``num_examples`` or ``uniform``.
     """
 
-    name: str = "fedavg"
-    prox_mu: float = 0.01
     weighting: WeightingName = "num_examples"
+
+    @property
+    def name(self) -> str:
+        """The registered type name of this algorithm config."""
+        return AlgorithmConfig.get_choice_name(type(self))
+
+
+@AlgorithmConfig.register_subclass("fedavg")
+@dataclasses.dataclass(frozen=True)
+class FedAvgConfig(AlgorithmConfig):
+    """FedAvg (McMahan et al. 2017) with the server optimizer of ``server.optimizer``."""
+
+
+@AlgorithmConfig.register_subclass("fedavgm")
+@dataclasses.dataclass(frozen=True)
+class FedAvgMConfig(AlgorithmConfig):
+    """FedAvg with server momentum (Hsu et al. 2019)."""
+
+
+@AlgorithmConfig.register_subclass("fedadam")
+@dataclasses.dataclass(frozen=True)
+class FedAdamConfig(AlgorithmConfig):
+    """FedAdam (Reddi et al. 2021)."""
+
+
+@AlgorithmConfig.register_subclass("fedyogi")
+@dataclasses.dataclass(frozen=True)
+class FedYogiConfig(AlgorithmConfig):
+    """FedYogi (Reddi et al. 2021)."""
+
+
+@AlgorithmConfig.register_subclass("fedadagrad")
+@dataclasses.dataclass(frozen=True)
+class FedAdagradConfig(AlgorithmConfig):
+    """FedAdagrad (Reddi et al. 2021)."""
+
+
+@AlgorithmConfig.register_subclass("fedprox")
+@dataclasses.dataclass(frozen=True)
+class FedProxConfig(AlgorithmConfig):
+    """FedProx (Li et al. 2020).
+
+    Attributes:
+      mu: proximal coefficient (>= 0), a round hyperparameter (``prox_mu``).
+    """
+
+    mu: float = 0.01
+
+
+@AlgorithmConfig.register_subclass("scaffold")
+@dataclasses.dataclass(frozen=True)
+class ScaffoldConfig(AlgorithmConfig):
+    """SCAFFOLD (Karimireddy et al. 2020, option II); needs plain SGD clients."""
+
+
+def register_algorithm_config(name: str, config_class: type | None = None) -> type:
+    """Registers the config type of a custom algorithm (an empty one if none is given).
+
+    Args:
+      name: the ``algorithm.type`` configs use.
+      config_class: a frozen dataclass subclassing `AlgorithmConfig` with the algorithm's own
+        settings, or None for an algorithm without settings.
+
+    Returns:
+      The registered class.
+    """
+    if config_class is None:
+        config_class = dataclasses.make_dataclass(
+            f"{name.title().replace('_', '')}Config", [], bases=(AlgorithmConfig,), frozen=True
+        )
+    if not issubclass(config_class, AlgorithmConfig):
+        raise TypeError(f"{config_class} must subclass fedjax_llm.config.AlgorithmConfig.")
+    AlgorithmConfig._choice_registry[name] = config_class
+    return config_class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,7 +425,7 @@ class ExperimentConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
-    algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
+    algorithm: AlgorithmConfig = dataclasses.field(default_factory=FedAvgConfig)
     aggregation: AggregationConfig = dataclasses.field(default_factory=AggregationConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -446,8 +519,20 @@ class ExperimentConfig:
             raise ConfigError(f"data.test_fraction={self.data.test_fraction} must be in (0, 1).")
         if self.run.checkpoint_every < 0:
             raise ConfigError(f"run.checkpoint_every={self.run.checkpoint_every} must be >= 0.")
-        if self.algorithm.prox_mu < 0:
-            raise ConfigError(f"algorithm.prox_mu={self.algorithm.prox_mu} must be >= 0.")
+        if isinstance(self.algorithm, FedProxConfig) and self.algorithm.mu < 0:
+            raise ConfigError(f"algorithm.mu={self.algorithm.mu} must be >= 0.")
+        client = self.client
+        if isinstance(self.algorithm, ScaffoldConfig) and (
+            client.optimizer != "sgd" or client.grad_clip_norm is not None or client.weight_decay
+        ):
+            raise ConfigError(
+                "algorithm.type=scaffold needs plain SGD local steps: its control update "
+                f"(x - y_i) / (K lr) is wrong for client.optimizer={client.optimizer!r}"
+                f"{', client.grad_clip_norm' if client.grad_clip_norm is not None else ''}"
+                f"{', client.weight_decay' if client.weight_decay else ''}. Set "
+                "client.optimizer=sgd (without grad_clip_norm or weight_decay), or use fedavg or "
+                "fedprox with that optimizer."
+            )
         if self.data.partitioner == "dirichlet" and self.data.dirichlet_alpha <= 0:
             raise ConfigError(f"data.dirichlet_alpha={self.data.dirichlet_alpha} must be > 0.")
         if self.pretrained.path is None and self.model.max_seq_len < self.data.seq_len:
@@ -459,13 +544,6 @@ class ExperimentConfig:
             self.model.validate()
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
-        from fedjax_llm.algorithms import ALGORITHMS
-
-        if self.algorithm.name not in ALGORITHMS:
-            raise ConfigError(
-                f"algorithm.name={self.algorithm.name!r}; valid choices: {sorted(ALGORITHMS)} "
-                "(custom algorithms: fedjax_llm.register_algorithm)."
-            )
         from fedjax_llm.objectives import OBJECTIVES
 
         if self.client.objective not in OBJECTIVES:
@@ -563,6 +641,12 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Exper
     except SystemExit as e:  # argparse reports bad command-line values by exiting
         raise ConfigError(f"invalid command-line override in {args}: {e}") from None
     except Exception as e:  # noqa: BLE001 - argparse/draccus raise assorted types for bad input
+        if "'type' key" in str(e) and "AlgorithmConfig" in str(e):
+            raise ConfigError(
+                "algorithm settings need the algorithm's type: set algorithm.type (one of "
+                f"{sorted(AlgorithmConfig._choice_registry)}) with them, e.g. "
+                "--algorithm.type fedprox --algorithm.mu 0.1."
+            ) from None
         raise ConfigError(f"invalid configuration: {e}") from None
     return config.validate()
 

@@ -18,7 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML experiment config")
     parser.add_argument("-h", "--help", action="store_true")
     args, overrides = parser.parse_known_args(argv)
-    from fedjax_llm import ConfigError, DivergenceError, RunDirectoryError, Simulation
+    from fedjax_llm import (
+        CohortOverflowError,
+        ConfigError,
+        DivergenceError,
+        RunDirectoryError,
+        Simulation,
+    )
     from fedjax_llm.config import load_config
 
     if args.help:
@@ -33,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(os.path.normpath(args.config), overrides)
         Simulation(config, verbose=True).run()
-    except (ConfigError, DivergenceError, RunDirectoryError, FileNotFoundError) as e:
+    except (
+        ConfigError,
+        DivergenceError,
+        RunDirectoryError,
+        CohortOverflowError,
+        FileNotFoundError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

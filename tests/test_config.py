@@ -44,7 +44,13 @@ def test_overrides_apply_to_nested_keys():
     [
         (["--client.optimizr", "sgd"], "client.optimizr"),
         (["--trainable.mode", "adapter"], "full.*lora.*soft_prompt.*prefix"),
-        (["--algorithm.name", "fedsgd"], "fedavg.*scaffold"),
+        (["--algorithm.type", "fedsgd"], "fedavg.*scaffold"),
+        (["--algorithm.mu", "0.1"], "algorithm.type"),
+        (["--algorithm.type", "fedprox", "--algorithm.mu", "-1"], "algorithm.mu"),
+        (["--algorithm.type", "scaffold", "--client.optimizer", "adamw"], "plain SGD"),
+        (["--aggregation.aggregator", "krum"], "mean.*median"),
+        (["--aggregation.transforms", "[clip,zip]"], "zip"),
+        (["--client.objective", "dpo"], "next_token"),
         (["--client.lr", "0"], "client.lr=0.0 must be positive"),
         (["--client.lr", "-1"], "client.lr"),
         (["--trainable.mode", "lora", "--trainable.lora_rank", "0"], "trainable.lora_rank"),
@@ -53,11 +59,11 @@ def test_overrides_apply_to_nested_keys():
             ["--run.num_clients_per_round", "100", "--data.num_clients", "10"],
             "num_clients_per_round=100 exceeds data.num_clients=10",
         ),
-        (["--run.clients_per_chunk", "5"], "clients_per_chunk"),
+        (["--run.clients_per_chunk", "0"], "clients_per_chunk"),
         (["--data.task_families", "[add,poetry]"], "poetry"),
         (["--model.hidden_size", "30"], "model"),
         (["--data.partitioner", "zipf"], "iid.*dirichlet"),
-        (["--algorithm.name", "fedadam", "--server.optimizer", "sgd"], "server.optimizer"),
+        (["--algorithm.type", "fedadam", "--server.optimizer", "sgd"], "server.optimizer"),
     ],
 )
 def test_bad_values_name_the_key_and_choices(overrides, message):

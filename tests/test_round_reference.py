@@ -118,7 +118,7 @@ def test_default_pipeline_round_is_bit_identical_to_recorded(name):
 SIMULATIONS = {
     "sim_fedavg": {},
     "sim_scaffold_lora": {
-        "algorithm": {"name": "scaffold"},
+        "algorithm": {"type": "scaffold"},
         "trainable": {"mode": "lora"},
         "client": {"optimizer": "sgd", "lr": 0.5, "local_steps": 2, "batch_size": 4},
     },

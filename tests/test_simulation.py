@@ -64,7 +64,7 @@ def test_bytes_sent_match_the_trainable_size(make_config):
 @pytest.mark.parametrize("algorithm", ["scaffold", "fedadam"])
 def test_resume_is_bit_for_bit(make_config, algorithm):
     sections = {
-        "algorithm": {"name": algorithm},
+        "algorithm": {"type": algorithm},
         "server": {"lr": 0.01 if algorithm == "fedadam" else 1.0},
         # SCAFFOLD's option II needs plain SGD clients; FedAdam gets momentum ones.
         "client": {

@@ -20,7 +20,7 @@ from fedjax_llm.algorithms.base import (
 from fedjax_llm.algorithms.fedavg import make_fedavg
 from fedjax_llm.algorithms.fedprox import make_fedprox
 from fedjax_llm.algorithms.scaffold import make_scaffold
-from fedjax_llm.config import ConfigError, ExperimentConfig
+from fedjax_llm.config import ConfigError, ExperimentConfig, register_algorithm_config
 from fedjax_llm.optimizers import make_client_optimizer, make_server_optimizer
 
 # name -> (builder from (client_opt, server_opt, config), the server optimizer it implies)
@@ -30,21 +30,28 @@ ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], str]] = {
     "fedadam": (lambda c, s, cfg: make_fedavg(c, s), "adam"),
     "fedyogi": (lambda c, s, cfg: make_fedavg(c, s), "yogi"),
     "fedadagrad": (lambda c, s, cfg: make_fedavg(c, s), "adagrad"),
-    "fedprox": (lambda c, s, cfg: make_fedprox(c, s, cfg.algorithm.prox_mu), "sgd"),
+    "fedprox": (lambda c, s, cfg: make_fedprox(c, s, cfg.algorithm.mu), "sgd"),
     "scaffold": (lambda c, s, cfg: make_scaffold(c, s), "sgd"),
 }
 
 
 def register_algorithm(
-    name: str, builder: Callable[..., Algorithm], server_optimizer: str = "sgd"
+    name: str,
+    builder: Callable[..., Algorithm],
+    server_optimizer: str = "sgd",
+    config_class: type | None = None,
 ) -> None:
-    """Registers a custom algorithm so configs can select it by ``algorithm.name``.
+    """Registers a custom algorithm so configs can select it by ``algorithm.type``.
 
     Args:
-      name: the name configs use.
-      builder: ``(client_optimizer, server_optimizer, config) -> Algorithm``.
+      name: the type name configs use.
+      builder: ``(client_optimizer, server_optimizer, config) -> Algorithm``; its settings are
+        ``config.algorithm`` (an instance of ``config_class``).
       server_optimizer: the server optimizer used when ``server.optimizer`` is null.
+      config_class: a frozen dataclass subclassing `fedjax_llm.config.AlgorithmConfig` holding
+        the algorithm's settings; None registers one without settings.
     """
+    register_algorithm_config(name, config_class)
     ALGORITHMS[name] = (builder, server_optimizer)
 
 
@@ -57,25 +64,14 @@ def build_algorithm(config: ExperimentConfig) -> Algorithm:
     """
     name = config.algorithm.name
     if name not in ALGORITHMS:
-        raise ConfigError(f"algorithm.name={name!r}; valid choices: {sorted(ALGORITHMS)}.")
+        raise ConfigError(f"algorithm.type={name!r}; valid choices: {sorted(ALGORITHMS)}.")
     builder, implied = ALGORITHMS[name]
-    client = config.client
-    if name == "scaffold" and (
-        client.optimizer != "sgd" or client.grad_clip_norm is not None or client.weight_decay
-    ):
-        raise ConfigError(
-            f"algorithm.name=scaffold needs plain SGD local steps: its control update "
-            f"(x - y_i) / (K lr) is wrong for client.optimizer={client.optimizer!r}"
-            f"{', client.grad_clip_norm' if client.grad_clip_norm is not None else ''}"
-            f"{', client.weight_decay' if client.weight_decay else ''}. Set client.optimizer=sgd "
-            "(without grad_clip_norm or weight_decay), or use fedavg/fedprox with that optimizer."
-        )
     server_name = config.server.optimizer or implied
     if config.server.optimizer and implied != "sgd" and config.server.optimizer != implied:
         raise ConfigError(
-            f"algorithm.name={name!r} uses server optimizer {implied!r} but "
+            f"algorithm.type={name!r} uses server optimizer {implied!r} but "
             f"server.optimizer={config.server.optimizer!r}; set server.optimizer to null or "
-            f"{implied!r}, or use algorithm.name=fedavg with the server optimizer you want."
+            f"{implied!r}, or use algorithm.type=fedavg with the server optimizer you want."
         )
     return builder(
         make_client_optimizer(config.client),
