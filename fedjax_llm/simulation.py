@@ -160,6 +160,13 @@ class Simulation:
         examples = train.examples
         if not isinstance(examples, dict):
             examples = {"tokens": examples.tokens, "loss_mask": examples.loss_mask}
+        if "tokens" in examples and len(examples["tokens"]):
+            top = int(np.max(examples["tokens"]))
+            if top >= self.model_config.vocab_size or int(np.min(examples["tokens"])) < 0:
+                raise ConfigError(
+                    f"data: token ids must lie in [0, {self.model_config.vocab_size}) (the "
+                    f"model's vocabulary); the given tokens reach {top}."
+                )
         try:
             check_fields(self.objective, examples, "the training data")
             values = merge_hyperparams(self.algorithm.hyperparams, self.pipeline.hyperparams)

@@ -124,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "instructions.jsonl")
     counts = write_instructions(path, args.users, args.examples, args.alpha, args.seed)
-    print(f"{path}: {args.examples} records from {np.count_nonzero(counts)} users "
-          f"({counts.min()}-{counts.max()} each), categories {', '.join(FAMILIES)}")
+    print(
+        f"{path}: {args.examples} records from {np.count_nonzero(counts)} users "
+        f"({counts.min()}-{counts.max()} each), categories {', '.join(FAMILIES)}"
+    )
     texts = write_texts(os.path.join(args.out, "texts"))
     print(f"{args.out}/texts: {len(texts)} files, {sum(texts.values()):,} characters")
     return 0

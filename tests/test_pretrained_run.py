@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 import transformers
 from hf_fixtures import write_tiny_tokenizer
 
@@ -19,7 +18,8 @@ USERS = ("ann", "bob", "cid", "dee", "eve", "fay")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny random Llama in HF format with the tiny ChatML tokenizer."""
+    """A tiny random Llama in HF format with the tiny ChatML tokenizer (built with PyTorch)."""
+    torch = pytest.importorskip("torch")
     directory = tmp_path_factory.mktemp("tiny_llama")
     write_tiny_tokenizer(directory)
     vocab = load_tokenizer(directory).vocab_size

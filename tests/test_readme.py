@@ -89,3 +89,35 @@ def test_readme_simulate_commands_parse():
             config_path = os.path.join(ROOT, args[i + 1])
             args = args[:i] + args[i + 2 :]
         fedjax_llm.load_config(config_path, args)  # raises on an unknown key or bad value
+
+
+def test_upload_transform_example_runs(tmp_path, monkeypatch):
+    from fedjax_llm.pipeline import TRANSFORMS
+
+    block = next(b for b in _python_blocks() if "make_quantizer" in b)
+    monkeypatch.chdir(ROOT)
+    block, count = re.subn(
+        r'"--run.num_rounds", "3"',
+        '"--run.num_rounds", "1", "--data.num_clients", "16", "--run.num_clients_per_round", '
+        '"4", "--eval.per_client", "false"',
+        block,
+    )
+    assert count == 1, "the README example no longer sets --run.num_rounds 3"
+    block = block.replace('"runs/quantized"', repr(str(tmp_path / "quantized")))
+    namespace = {}
+    try:
+        exec(compile(block, "README.md", "exec"), namespace)
+    finally:
+        TRANSFORMS.pop("quantize16", None)
+    assert np.isfinite(namespace["history"][-1]["train_loss"])
+    # The transform quantizes to 16 levels and is unbiased (mean over many keys).
+    quantizer = namespace["make_quantizer"](16)
+    x = {"w": jax.numpy.linspace(-1.0, 2.0, 101) ** 3}
+
+    def one(key):
+        return quantizer.apply(x, (), (), key, None)[0]["w"]
+
+    draws = jax.vmap(one)(jax.random.split(jax.random.key(0), 4000))
+    assert len(np.unique(np.asarray(draws[0]))) <= 16
+    # 4000 draws: the standard error of the mean is at most step / (2 sqrt(4000)) ~ 0.004.
+    np.testing.assert_allclose(np.asarray(draws.mean(0)), np.asarray(x["w"]), atol=0.03)

