@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-PyTree = Any
+from kernels.pytree import PyTree
 
 # Settings that may change between a run and its resumption: they do not affect the state.
 RESUMABLE_FIELDS = (
