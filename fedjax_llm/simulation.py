@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -121,6 +122,9 @@ class Simulation:
         ``config.data`` (no tokenizer is loaded when ``pretrained.path`` has none).
       init_params: initial global trainable parameters (e.g. a given LoRA init), replacing
         the seeded init; must match the trainable's structure and shapes.
+      hyperparam_schedule: ``(round) -> {name: value}`` overriding declared round
+        hyperparameters (``prox_mu``, ``clip_norm``, ...) per round; they are array arguments
+        of the compiled round, so a schedule never recompiles.
     """
 
     def __init__(
@@ -134,6 +138,7 @@ class Simulation:
         sampler: ClientSampler | None = None,
         data: ClientArrays | None = None,
         init_params: PyTree | None = None,
+        hyperparam_schedule: Callable[[int], dict[str, float]] | None = None,
     ):
         self.config = config.validate()
         self.verbose = verbose
@@ -173,6 +178,7 @@ class Simulation:
         except ValueError as err:
             raise ConfigError(f"client.objective / aggregation: {err}") from None
         self._hyperparam_defaults = values
+        self._hyperparam_schedule = hyperparam_schedule
         params = self.trainable.init(trainable_key, base)
         if init_params is not None:
             params = _checked_init_params(init_params, params)
@@ -387,10 +393,20 @@ class Simulation:
         """The round-varying values of a round: learning rates from their schedules and the
         algorithm's and pipeline's declared hyperparameters."""
         c, run = self.config, self.config.run
+        values = dict(self._hyperparam_defaults)
+        if self._hyperparam_schedule is not None:
+            scheduled = self._hyperparam_schedule(round_num)
+            unknown = sorted(set(scheduled) - set(values))
+            if unknown:
+                raise ConfigError(
+                    f"hyperparam_schedule sets {unknown}, which nothing declares; declared: "
+                    f"{sorted(values)}."
+                )
+            values.update(scheduled)
         return round_hparams(
             client_learning_rate(c.client, round_num, run.num_rounds),
             server_learning_rate(c.server, round_num, run.num_rounds),
-            self._hyperparam_defaults,
+            values,
         )
 
     def cohort(self, round_num: int) -> Cohort:

@@ -20,6 +20,7 @@ from fedjax_llm.config import (  # noqa: E402
     DataConfig,
     EvalConfig,
     ExperimentConfig,
+    FedAvgConfig,
     RunConfig,
     TrainableConfig,
 )
@@ -29,7 +30,8 @@ from fedjax_llm.models.llama import LlamaConfig  # noqa: E402
 def tiny_config(output_dir: str, **sections) -> ExperimentConfig:
     """A fast experiment: 1-layer d=32 model, 8 clients, 4 per round, 2 local steps.
 
-    Keyword arguments replace fields of a section, e.g. ``client={"lr": 0.5}``.
+    Keyword arguments replace fields of a section, e.g. ``client={"lr": 0.5}``; the algorithm
+    section takes its type, e.g. ``algorithm={"type": "fedprox", "mu": 0.1}``.
     """
     config = ExperimentConfig(
         model=LlamaConfig(
@@ -49,7 +51,7 @@ def tiny_config(output_dir: str, **sections) -> ExperimentConfig:
             eval_examples_per_family=8,
         ),
         client=ClientConfig(optimizer="adamw", lr=0.02, local_steps=2, batch_size=4),
-        algorithm=AlgorithmConfig(name="fedavg"),
+        algorithm=FedAvgConfig(),
         run=RunConfig(
             num_rounds=3,
             num_clients_per_round=4,
@@ -59,10 +61,16 @@ def tiny_config(output_dir: str, **sections) -> ExperimentConfig:
         ),
         eval=EvalConfig(every=100, max_new_tokens=4, batch_size=64),
     )
-    replaced = {
-        name: dataclasses.replace(getattr(config, name), **fields)
-        for name, fields in sections.items()
-    }
+    replaced = {}
+    for name, fields in sections.items():
+        fields = dict(fields)
+        if name == "algorithm" and "type" in fields:
+            # A choice type: {"type": "fedprox", "mu": 0.1} builds that type's config class.
+            kind = AlgorithmConfig.get_choice_class(fields.pop("type"))
+            weighting = config.algorithm.weighting
+            replaced[name] = kind(**{"weighting": weighting, **fields})
+        else:
+            replaced[name] = dataclasses.replace(getattr(config, name), **fields)
     return dataclasses.replace(config, **replaced)
 
 

@@ -236,3 +236,20 @@ def test_pipeline_states_are_checkpointed_and_resumed(make_config):
     )
     resumed.run()
     chex.assert_trees_all_equal(resumed.state, straight.state)
+
+
+def test_hyperparam_schedule_changes_values_per_round_without_recompiling(make_config):
+    config = make_config(
+        aggregation={"transforms": ("clip",), "clip_norm": 0.01}, run={"num_rounds": 3}
+    )
+    sim = Simulation(
+        config, verbose=False, hyperparam_schedule=lambda r: {"clip_norm": [0.01, 100.0, 0.01][r]}
+    )
+    history = sim.run()
+    # Every client is clipped at 0.01, none at 100, all by the one program compiled ahead of
+    # time (which accepts no argument of another structure; retracing is tested in test_round).
+    assert [h["pipeline/clip/clipped"] for h in history[1:]] == [4.0, 0.0, 4.0]
+    with pytest.raises(ConfigError, match="declares"):
+        Simulation(config, verbose=False, hyperparam_schedule=lambda r: {"noise": 1.0}).hyperparams(
+            0
+        )

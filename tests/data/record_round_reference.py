@@ -1,6 +1,7 @@
 """Records round outputs of the engine before the aggregation-pipeline change (commit 96b37a7).
 
 Kept for the record: it calls that engine's API and does not run against later versions.
+"""
 import sys, os
 sys.path.insert(0, "/work/main/tests"); sys.path.insert(0, "/work/main")
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
