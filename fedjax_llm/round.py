@@ -618,24 +618,37 @@ def make_sequential_round(
     """
     pipeline = pipeline or default_pipeline()
     aggregator = pipeline.aggregator
-    client_update = jax.jit(
-        make_client_update(algorithm, objective, schedule, pipeline, uniform_weighting)
-    )
+    client_update = make_client_update(algorithm, objective, schedule, pipeline, uniform_weighting)
     broadcast_fn = jax.jit(algorithm.broadcast)
-
-    @jax.jit
-    def accumulate(acc, result, pipeline_state, hparams):
-        one = jax.tree.map(lambda x: x[None], (result.upload, result.weight))
-        return aggregator.accumulate(acc, *one, pipeline_state.aggregator, hparams)
-
-    @jax.jit
-    def start(state, hparams):
-        like = _upload_like(state, hparams)
-        return aggregator.start(state.pipeline.aggregator, like)
 
     def _upload_like(state, hparams):
         one = jax.tree.map(lambda s: s[0], state.clients.algorithm)
         return upload_shape(algorithm, pipeline, state.server, one, hparams)
+
+    @jax.jit
+    def start(state, hparams):
+        return aggregator.start(state.pipeline.aggregator, _upload_like(state, hparams))
+
+    @jax.jit
+    def one_client(frozen, broadcast, state, data, client_id, delivered, round_key, hparams, acc):
+        # One dispatch per client: gather its state, train it, add its upload to the sums.
+        client_state = jax.tree.map(lambda s: s[client_id], state.clients)
+        result = client_update(
+            frozen,
+            broadcast,
+            state.pipeline.transform,
+            client_state,
+            data,
+            client_id,
+            jnp.float32(1.0),
+            delivered,
+            round_key,
+            hparams,
+        )
+        if not aggregator.gathers:
+            one = jax.tree.map(lambda x: x[None], (result.upload, result.weight))
+            acc = aggregator.accumulate(acc, *one, state.pipeline.aggregator, hparams)
+        return acc, result
 
     @jax.jit
     def finish(state, cohort, accumulated, stats, new_states, weights, metrics, key, hparams):
@@ -661,24 +674,20 @@ def make_sequential_round(
         keep = np.flatnonzero(np.asarray(cohort.participating))
         ids = np.asarray(cohort.client_ids)[keep]
         delivered = np.asarray(cohort.delivered)[keep]
-        acc = None if aggregator.gathers else start(state, hparams)
+        acc = () if aggregator.gathers else start(state, hparams)
         results = []
         for cid, ok in zip(ids, delivered, strict=True):
-            one_state = jax.tree.map(lambda s, c=cid: s[c], state.clients)
-            result = client_update(
+            acc, result = one_client(
                 frozen,
                 broadcast,
-                state.pipeline.transform,
-                one_state,
+                state,
                 data,
-                jnp.int32(cid),
-                jnp.float32(1.0),
-                jnp.float32(ok),
+                np.int32(cid),
+                np.float32(ok),
                 round_key,
                 hparams,
+                acc,
             )
-            if not aggregator.gathers:
-                acc = accumulate(acc, result, state.pipeline, hparams)
             results.append(result)
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
         if aggregator.gathers:
