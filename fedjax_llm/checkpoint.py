@@ -18,8 +18,14 @@ import orbax.checkpoint as ocp
 
 from kernels.pytree import PyTree
 
-# Settings that may change between a run and its resumption: they do not affect the state.
+# Settings that may change between a run and its resumption: they decide what is written and how
+# the round is laid out (chunks, devices, engine: equal results up to float rounding), not the
+# state.
 RESUMABLE_FIELDS = (
+    "run.partition_report",
+    "run.save_checkpoints",
+    "run.devices",
+    "run.engine",
     "run.num_rounds",
     "run.resume",
     "run.output_dir",

@@ -144,9 +144,9 @@ def poisson_cohort_bound(num_clients: int, rate: float, overflow_probability: fl
             k += 1
         return total
 
-    # Binary search for the smallest bound in [mean, N] whose tail is small enough (the tail
-    # is decreasing in the bound).
-    low, high = int(math.floor(num_clients * rate)), num_clients
+    # Binary search for the smallest bound in [0, N] whose tail is small enough (the tail is
+    # decreasing in the bound).
+    low, high = 0, num_clients
     while low < high:
         mid = (low + high) // 2
         if tail(mid) <= overflow_probability:

@@ -193,13 +193,6 @@ def test_resumable_fields_change_nothing_else_in_a_real_config(make_config):
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RESUMABLE_FIELDS omits run.partition_report, run.save_checkpoints and run.devices, "
-    "which do not affect the state (the first two only decide what is written; the design says "
-    "results never depend on device count), so resuming with one of them changed is refused "
-    "although the refusal's own message says logging/checkpoint settings may change",
-)
 @pytest.mark.parametrize(
     "field, value",
     [("partition_report", False), ("save_checkpoints", False), ("devices", 2)],

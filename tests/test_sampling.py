@@ -99,12 +99,6 @@ def test_poisson_cohort_bound_is_the_exact_binomial_quantile(num_clients):
     assert poisson_cohort_bound(num_clients, 1.0, 1e-9) == num_clients
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fedjax_llm/sampling.py poisson_cohort_bound never searches below the mean "
-    "floor(N q), so for overflow_probability above ~0.5 (which config validation allows: "
-    "(0, 1)) it returns a bound above the smallest one its docstring promises.",
-)
 def test_poisson_cohort_bound_is_smallest_for_large_overflow_probabilities():
     for num_clients, rate in ((50, 0.3), (200, 0.1)):
         tails = exact_tails(num_clients, rate)
