@@ -51,8 +51,8 @@ def scheduled_value(
     """Returns a learning rate of one round under a schedule over rounds.
 
     The schedule runs over rounds (the unit FL papers decay over): ``constant``; ``cosine``
-    and ``linear`` decay to 0 at the last round; ``warmup_cosine`` warms up linearly over
-    ``warmup`` rounds first.
+    and ``linear`` decay toward 0, reached at round ``num_rounds`` (one past the last, as optax's
+    schedules do); ``warmup_cosine`` warms up linearly over ``warmup`` rounds first.
 
     Args:
       schedule: the schedule's name.
