@@ -163,7 +163,8 @@ class ClientConfig:
       weight_decay: decoupled weight decay for ``adamw``.
       schedule: schedule of the client learning rate over rounds (every local step of a round
         uses that round's rate): ``constant``; ``cosine`` and ``linear`` decay toward 0, which
-        they would reach after the last round (optax's convention); ``warmup_cosine`` warms up linearly over ``warmup_steps`` rounds first.
+        they would reach after the last round (optax's convention); ``warmup_cosine`` warms
+        up linearly over ``warmup_steps`` rounds first.
       warmup_steps: warmup rounds of ``warmup_cosine``.
       local_steps: maximum local steps per round (the scan length).
       local_epochs: if set, a client takes ceil(local_epochs * n_i / batch_size) steps, at
