@@ -159,6 +159,11 @@ class Simulation:
         )
         self.algorithm = algorithm or build_algorithm(config)
         self.pipeline = pipeline or build_pipeline(config)
+        if sampler is None and config.run.num_clients_per_round > self.num_clients:
+            raise ConfigError(
+                f"run.num_clients_per_round={config.run.num_clients_per_round} exceeds the "
+                f"{self.num_clients} clients of the data; sample fewer clients per round."
+            )
         self.sampler = sampler or build_sampler(config, self.num_clients)
         devices = 1 if self.mesh is None else self.mesh.size
         self.slots = cohort_slots(self.sampler.max_cohort, config.run.clients_per_chunk, devices)
@@ -429,14 +434,27 @@ class Simulation:
         if self.config.run.engine == "sequential":
             self._compiled = self.round_fn
         else:
-            self._compiled = self.round_fn.lower(
-                self.frozen,
-                self.state,
-                self.client_data,
-                jax.tree.map(jnp.asarray, cohort),
-                round_key,
-                hparams,
-            ).compile()
+            try:
+                lowered = self.round_fn.lower(
+                    self.frozen,
+                    self.state,
+                    self.client_data,
+                    jax.tree.map(jnp.asarray, cohort),
+                    round_key,
+                    hparams,
+                )
+            except (TypeError, ValueError, KeyError, IndexError) as err:
+                # Tracing runs every piece once: a transform, aggregator, objective or algorithm
+                # that does not fit the trainable or the data fails here, before any round.
+                c = self.config
+                raise ConfigError(
+                    f"the round cannot be built: {type(err).__name__}: {err}. Check that the "
+                    f"algorithm ({c.algorithm.name}), aggregation.transforms "
+                    f"{list(c.aggregation.transforms)}, aggregation.aggregator "
+                    f"({c.aggregation.aggregator}) and the objective fit trainable.mode="
+                    f"{c.trainable.mode} and the data's fields {sorted(self.client_data.examples)}."
+                ) from err
+            self._compiled = lowered.compile()
         self.compile_time_s = time.perf_counter() - t0
         return self.compile_time_s
 
