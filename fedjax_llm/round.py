@@ -138,6 +138,8 @@ class RoundOutput(NamedTuple):
       participating: ``[C]`` which slots held a sampled client.
       metrics: the objective's metric sums and ``steps``/``examples`` summed over clients.
       pipeline: the upload transforms' summed stats and the aggregator's metrics.
+      params_finite: whether every new global trainable parameter is finite (the training
+        loss is measured before the last local update, so it can miss a divergence).
     """
 
     train_loss: jax.Array
@@ -146,6 +148,7 @@ class RoundOutput(NamedTuple):
     participating: jax.Array
     metrics: dict
     pipeline: dict
+    params_finite: jax.Array
 
 
 def client_batch_indices(
@@ -591,8 +594,18 @@ def finish_round(
         participating=jnp.asarray(cohort.participating),
         metrics=totals,
         pipeline={**stats, **aggregator_metrics},
+        params_finite=_all_finite(algorithm.server_params(server)),
     )
     return RoundState(server, PipelineState(transform_state, aggregator_state), clients), output
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 def make_sequential_round(

@@ -518,10 +518,16 @@ class Simulation:
                     record = self._round_record(r, out, cohort, wall, down_bytes, up_bytes)
                     if r == self.start_round:
                         record["compile_time_s"] = compile_s
-                    if not math.isfinite(record["train_loss"]):
+                    if not math.isfinite(record["train_loss"]) or not out.params_finite:
+                        # Checked before any save: a checkpoint never holds NaN parameters.
                         writer.write(record)
+                        what = (
+                            f"training loss is {record['train_loss']}"
+                            if not math.isfinite(record["train_loss"])
+                            else "the global parameters are not finite (NaN or inf)"
+                        )
                         raise DivergenceError(
-                            f"round {completed}: training loss is {record['train_loss']}. The "
+                            f"round {completed}: {what}. The "
                             f"last good checkpoint is {last_good or 'none (no checkpoint yet)'}. "
                             "Lower client.lr or server.lr, or set client.grad_clip_norm."
                         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import chex
 import jax
@@ -123,11 +124,14 @@ def test_existing_run_directory_is_never_overwritten(make_config):
 
 def test_divergence_stops_with_round_and_last_checkpoint(make_config):
     config = make_config(client={"lr": 1e30}, run={"num_rounds": 6, "checkpoint_every": 1})
-    with pytest.raises(DivergenceError, match=r"round \d+: training loss is (nan|inf)") as e:
+    pattern = r"round (\d+): (training loss is (nan|inf)|the global parameters are not finite)"
+    with pytest.raises(DivergenceError, match=pattern) as e:
         Simulation(config, verbose=False).run()
     assert "checkpoint" in str(e.value)
     records = read_jsonl(os.path.join(config.run.output_dir, "metrics.jsonl"))
-    assert not np.isfinite(records[-1]["train_loss"])  # the failing round is on disk too
+    failed = int(re.match(pattern, str(e.value)).group(1))
+    assert records[-1]["round"] == failed  # the failing round is on disk too
+    assert not os.path.exists(os.path.join(config.run.output_dir, "checkpoints", str(failed)))
 
 
 def test_lora_on_a_federated_pretrained_base(make_config):
@@ -264,4 +268,20 @@ def test_a_pipeline_piece_that_does_not_fit_the_trainable_fails_before_training(
     config = make_config(trainable={"mode": "full"})
     with pytest.raises(ConfigError, match=r"cannot be built: KeyError.*trainable.mode=full"):
         Simulation(config, pipeline=pipeline, verbose=False).run()
+    assert not os.path.exists(os.path.join(config.run.output_dir, "checkpoints", "1"))
+
+
+def test_parameters_that_diverge_in_the_last_local_step_are_never_saved(make_config):
+    """The training loss is measured before each local update, so a step that blows up the
+    parameters in the last round still reports a finite loss; the run must stop anyway and no
+    checkpoint of that round may exist (it used to exit 0 after saving NaN parameters)."""
+    config = make_config(
+        # lr is inf in float32: the only local step (its loss still finite) makes inf/NaN.
+        client={"optimizer": "sgd", "lr": 1e39, "local_steps": 1},
+        run={"num_rounds": 1, "checkpoint_every": 1},
+    )
+    with pytest.raises(DivergenceError, match=r"round 1: the global parameters are not finite"):
+        Simulation(config, verbose=False).run()
+    records = read_jsonl(os.path.join(config.run.output_dir, "metrics.jsonl"))
+    assert np.isfinite(records[-1]["train_loss"])  # the loss alone would not have caught it
     assert not os.path.exists(os.path.join(config.run.output_dir, "checkpoints", "1"))
