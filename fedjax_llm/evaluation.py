@@ -1,10 +1,11 @@
 """Evaluation of the global model: held-out loss and perplexity, exact match by greedy
-decoding per task family, and the same per client (mean and worst 10% of clients)."""
+decoding per task family, and the same per client (mean and worst 10% of clients, or one record
+per client with `per_client_results`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -120,7 +121,23 @@ def _loss_and_perplexity(loss_sum: np.ndarray, tokens: np.ndarray) -> tuple[floa
 
 
 def summarize_global(per_example: dict[str, np.ndarray], examples: TokenizedExamples) -> dict:
-    """Loss, perplexity and exact match, overall and per label (task family or category)."""
+    """Loss, perplexity and exact match, overall and per label (task family or category).
+
+    Labels are `examples.label_names`: the task families of the built-in data, or every value of
+    the label column among the records a file run kept (training and held-out alike). A label
+    with no held-out example (all its records went to training, or its held-out records were
+    dropped as too long) has no per-label metrics; such labels are reported, not skipped silently.
+
+    Args:
+      per_example: from `evaluate_examples` on `examples`.
+      examples: the held-out examples.
+
+    Returns:
+      A flat dict: ``eval/loss``, ``eval/perplexity``, ``eval/exact_match`` (when generated) and,
+      with two or more labels, ``eval/perplexity/<label>`` and ``eval/exact_match/<label>`` per
+      label with held-out examples and, when some labels have none, ``eval/num_missing_labels``
+      (int) and ``eval/missing_labels`` (str: their names in label order, joined by ``", "``).
+    """
     exact = per_example.get("exact_match")
     loss, perplexity = _loss_and_perplexity(per_example["loss_sum"], per_example["target_tokens"])
     out = {"eval/loss": loss, "eval/perplexity": perplexity}
@@ -128,15 +145,20 @@ def summarize_global(per_example: dict[str, np.ndarray], examples: TokenizedExam
         out["eval/exact_match"] = float(exact.mean())
     if len(examples.label_names) < 2:
         return out
+    missing = []
     for label, name in enumerate(examples.label_names):
         mask = examples.labels == label
         if not mask.any():
+            missing.append(str(name))
             continue
         if exact is not None:
             out[f"eval/exact_match/{name}"] = float(exact[mask].mean())
         _, out[f"eval/perplexity/{name}"] = _loss_and_perplexity(
             per_example["loss_sum"][mask], per_example["target_tokens"][mask]
         )
+    if missing:
+        out["eval/num_missing_labels"] = len(missing)
+        out["eval/missing_labels"] = ", ".join(missing)
     return out
 
 
@@ -163,6 +185,72 @@ def summarize_clients(per_example: dict[str, np.ndarray], dataset: FederatedData
         out["client/exact_match_mean"] = float(client_exact.mean())
         out["client/exact_match_worst10"] = float(np.sort(client_exact)[:worst].mean())
     return out
+
+
+def per_client_results(
+    per_example: dict[str, np.ndarray],
+    dataset: FederatedDataset,
+    client_names: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Each client's held-out results, e.g. to save which clients the global model serves worst.
+
+    Same definitions as `summarize_clients` (a client's loss is its summed token loss over its
+    target tokens), one record per client instead of aggregates.
+
+    Args:
+      per_example: from `evaluate_examples` on ``dataset.examples``.
+      dataset: the per-client held-out sets (e.g. ``TaskData.client_test``).
+      client_names: optional name of each client (e.g. ``TaskData.stats["client_names"]`` of a
+        natural split), added as ``name``.
+
+    Returns:
+      One JSON-serializable dict per client, in client order: ``client`` (index),
+      ``name`` (with `client_names`), ``num_examples``, ``num_target_tokens``, ``loss``,
+      ``perplexity`` and, when the evaluation generated, ``exact_match`` (the client's mean).
+      Metrics of a client without held-out examples are None.
+
+    Raises:
+      ValueError: if `per_example` does not have one entry per example of `dataset`, or
+        `client_names` not one name per client.
+    """
+    num_clients, n = dataset.num_clients, dataset.num_examples
+    lengths = {name: len(v) for name, v in per_example.items()}
+    if any(length != n for length in lengths.values()):
+        raise ValueError(
+            f"per_client_results: per_example has {lengths} entries but the dataset has {n} "
+            "examples; evaluate dataset.examples, not another set."
+        )
+    if client_names is not None and len(client_names) != num_clients:
+        raise ValueError(
+            f"per_client_results: {len(client_names)} client_names for {num_clients} clients."
+        )
+    ids = dataset.client_ids
+
+    def per_client(values: np.ndarray) -> np.ndarray:
+        return np.bincount(ids, weights=values, minlength=num_clients)
+
+    counts = np.asarray(dataset.client_count, np.int64)
+    loss_sum = per_client(per_example["loss_sum"])
+    tokens = per_client(per_example["target_tokens"])
+    exact = per_client(per_example["exact_match"]) if "exact_match" in per_example else None
+    results = []
+    for m in range(num_clients):
+        row: dict[str, Any] = {"client": m}
+        if client_names is not None:
+            row["name"] = str(client_names[m])
+        row["num_examples"] = int(counts[m])
+        row["num_target_tokens"] = int(round(tokens[m]))
+        if counts[m] == 0:
+            row.update(loss=None, perplexity=None)
+            if exact is not None:
+                row["exact_match"] = None
+        else:
+            loss, perplexity = _loss_and_perplexity(loss_sum[m : m + 1], tokens[m : m + 1])
+            row.update(loss=loss, perplexity=perplexity)
+            if exact is not None:
+                row["exact_match"] = float(exact[m] / counts[m])
+        results.append(row)
+    return results
 
 
 def make_arrays_eval_step(objective: Objective) -> Callable:

@@ -3,6 +3,7 @@ evaluation of any objective over per-example arrays."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -14,6 +15,7 @@ from fedjax_llm.data import FederatedDataset, TokenizedExamples
 from fedjax_llm.evaluation import (
     evaluate_arrays,
     make_arrays_eval_step,
+    per_client_results,
     summarize_arrays,
     summarize_clients,
     summarize_global,
@@ -50,6 +52,9 @@ def test_summarize_global_overall_and_per_label():
     }
     examples = make_examples([0, 1, 0, 1, 1], ("copy", "add", "unused"))
     out = summarize_global(per_example, examples)
+    # A label without held-out examples gets no metrics, but is reported.
+    assert out.pop("eval/num_missing_labels") == 1
+    assert out.pop("eval/missing_labels") == "unused"
 
     loss = 12.5 / 9.0
     copy_loss = 3.0 / 3.0
@@ -65,7 +70,7 @@ def test_summarize_global_overall_and_per_label():
             "eval/perplexity/add": math.exp(add_loss),
         },
         rel=1e-12,
-    )  # a label without examples gets no entry
+    )
 
 
 def test_summarize_global_with_one_label_and_no_exact_match_caps_perplexity():
@@ -138,6 +143,95 @@ def test_summarize_clients_worst_ten_percent_is_the_mean_of_the_worst_tenth(num_
     assert out["client/exact_match_worst10"] == pytest.approx(
         np.sort(exact)[:worst].mean(), rel=1e-12
     )
+
+
+def test_missing_labels_are_listed_in_label_order_and_serialize():
+    per_example = {"loss_sum": np.ones(3), "target_tokens": np.ones(3)}
+    names = ("open_qa", "brainstorming", "classification", "summarization")
+    out = summarize_global(per_example, make_examples([1, 1, 3], names))
+    assert out["eval/num_missing_labels"] == 2
+    assert out["eval/missing_labels"] == "open_qa, classification"
+    assert set(out) == {
+        "eval/loss",
+        "eval/perplexity",
+        "eval/perplexity/brainstorming",
+        "eval/perplexity/summarization",
+        "eval/num_missing_labels",
+        "eval/missing_labels",
+    }
+    assert json.loads(json.dumps(out)) == out  # a flat record for metrics.jsonl
+    full = summarize_global(per_example, make_examples([0, 1, 2], names[:3]))
+    assert not any("missing" in key for key in full)
+
+
+def test_per_client_results_match_the_aggregates_client_by_client():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 5, size=13)
+    n = int(counts.sum())
+    target_tokens = rng.integers(0, 4, size=n).astype(np.float64)
+    per_example = {
+        "loss_sum": target_tokens * rng.uniform(0, 4, size=n),
+        "target_tokens": target_tokens,
+        "exact_match": rng.integers(0, 2, size=n).astype(np.float64),
+    }
+    dataset = make_dataset(counts)
+    rows = per_client_results(per_example, dataset)
+    assert json.loads(json.dumps(rows)) == rows
+    assert [r["client"] for r in rows] == list(range(13))
+    assert [r["num_examples"] for r in rows] == counts.tolist()
+    begin = 0
+    for row, c in zip(rows, counts, strict=True):
+        part = slice(begin, begin + c)
+        tokens = target_tokens[part].sum()
+        loss = per_example["loss_sum"][part].sum() / tokens if tokens else 0.0
+        assert row["num_target_tokens"] == tokens
+        assert row["loss"] == pytest.approx(loss, rel=1e-12)
+        assert row["perplexity"] == pytest.approx(math.exp(loss), rel=1e-12)
+        assert row["exact_match"] == pytest.approx(per_example["exact_match"][part].mean())
+        begin += c
+    # The existing aggregates are the mean and worst tenth of exactly these rows.
+    summary = summarize_clients(per_example, dataset)
+    losses = np.array([r["loss"] for r in rows])
+    assert summary["client/loss_mean"] == pytest.approx(losses.mean(), rel=1e-12)
+    assert summary["client/loss_worst10"] == pytest.approx(np.sort(losses)[-2:].mean())
+    worst = max(rows, key=lambda r: r["loss"])
+    assert worst["loss"] == pytest.approx(losses.max())
+
+
+def test_per_client_results_names_and_without_exact_match():
+    per_example = {
+        "loss_sum": np.array([2.0, 1.0, 3.0]),
+        "target_tokens": np.array([1.0, 1.0, 1.0]),
+    }
+    rows = per_client_results(per_example, make_dataset([2, 1]), client_names=["ann", "bob"])
+    assert rows == [
+        {
+            "client": 0,
+            "name": "ann",
+            "num_examples": 2,
+            "num_target_tokens": 2,
+            "loss": 1.5,
+            "perplexity": pytest.approx(math.exp(1.5)),
+        },
+        {
+            "client": 1,
+            "name": "bob",
+            "num_examples": 1,
+            "num_target_tokens": 1,
+            "loss": 3.0,
+            "perplexity": pytest.approx(math.exp(3.0)),
+        },
+    ]
+
+
+def test_per_client_results_rejects_a_mismatched_evaluation():
+    dataset = make_dataset([2, 1])
+    with pytest.raises(ValueError, match="3 examples"):
+        per_client_results({"loss_sum": np.ones(4), "target_tokens": np.ones(4)}, dataset)
+    with pytest.raises(ValueError, match="client_names"):
+        per_client_results(
+            {"loss_sum": np.ones(3), "target_tokens": np.ones(3)}, dataset, client_names=["a"]
+        )
 
 
 # --- summarize_arrays -------------------------------------------------------------------------

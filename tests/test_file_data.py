@@ -316,3 +316,44 @@ def test_preference_data_is_refused(tmp_path, tok):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 4)
     with pytest.raises(ValueError, match="preference pairs.*load_preference_pairs"):
         build(path, tok)
+
+
+def test_non_utf8_record_fails_with_file_and_line(tmp_path, tok):
+    root = dolly_users(tmp_path / "users", [6, 6])
+    lines = (root / "user1.jsonl").read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3].replace(b"answer", b"r\xe9ponse")  # a Latin-1 byte in record 4
+    (root / "user1.jsonl").write_bytes(b"".join(lines))
+    with pytest.raises(ValueError, match=r"'user1\.jsonl' is not valid UTF-8: line 4\b.*iconv"):
+        build(root, tok, label_column="category")
+
+
+@pytest.mark.parametrize("over", ["labels", "clients"])
+def test_dirichlet_convention_from_the_data_config(tmp_path, tok, over):
+    from fedjax_llm.config import DataConfig
+
+    path = write_jsonl(
+        tmp_path / "alpaca.jsonl",
+        [
+            {"instruction": f"item {i}", "output": str(i), "category": CATEGORIES[i % 3]}
+            for i in range(300)
+        ],
+    )
+    config = DataConfig(partitioner="dirichlet", dirichlet_alpha=0.5, dirichlet_over=over)
+    data = build(
+        path,
+        tok,
+        partitioner="dirichlet",
+        partitioner_kwargs=config.partitioner_kwargs(),
+        num_clients=8,
+        label_column="category",
+    )
+    stats = data.stats
+    assert stats["partitioner_kwargs"]["over"] == over
+    assert stats["convention"].startswith(f"dirichlet over {over}")
+    assert f"convention: dirichlet over {over}" in format_partition_stats(stats)
+    sizes = data.train.client_count + data.client_test.client_count
+    assert sizes.sum() == stats["num_examples"]
+    if over == "labels":
+        assert sizes.max() - sizes.min() <= 1
+    else:
+        assert sizes.max() > 2 * sizes.min()

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -193,3 +194,77 @@ def test_legacy_rope_fields_are_read(tmp_path):
     tokens = np.random.default_rng(3).integers(0, SMALL["vocab_size"], (1, 20))
     got = np.asarray(llama.apply(config, params, jnp.asarray(tokens)))
     np.testing.assert_allclose(got, _torch_logits(model, tokens), atol=1e-4, rtol=0)
+
+
+def _header(tensors: dict) -> bytes:
+    """A safetensors header: 8-byte little-endian length, then the JSON."""
+    body = json.dumps(tensors).encode()
+    return len(body).to_bytes(8, "little") + body
+
+
+# Each damages the bytes of a valid weight file the way a failed download or copy can.
+CORRUPTIONS = {
+    "empty": lambda data: b"",
+    "truncated_in_tensor_data": lambda data: data[: len(data) // 2],
+    "truncated_in_header": lambda data: data[:20],
+    "garbage": lambda data: b"<html>503 Service Unavailable</html>" * 8,
+    "header_not_json": lambda data: (9).to_bytes(8, "little") + b"{not json" + b"\0" * 64,
+    "offsets_past_end_of_file": lambda data: (
+        _header({"model.norm.weight": {"dtype": "F32", "shape": [32], "data_offsets": [0, 128]}})
+        + b"\0" * 16
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_unreadable_weight_file_names_the_file_and_the_fix(tmp_path, corruption):
+    _save_hf_model(tmp_path, "llama_untied")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(CORRUPTIONS[corruption](weights.read_bytes()))
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors.*fetch_model\.py") as info:
+        hf_loader.load_pretrained(tmp_path, max_seq_len=8)
+    assert str(tmp_path) in str(info.value)
+    if corruption == "empty":
+        assert "empty (0 bytes)" in str(info.value)
+
+
+def test_truncated_shard_names_that_shard(tmp_path):
+    model = _save_hf_model(tmp_path, "llama_untied")
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    shards = sorted(sharded.glob("*.safetensors"))
+    bad = shards[len(shards) // 2]
+    bad.write_bytes(bad.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError, match=re.escape(bad.name)) as info:
+        hf_loader.load_pretrained(sharded, max_seq_len=8)
+    others = [s.name for s in shards if s != bad]
+    assert not any(name in str(info.value) for name in others)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"metadata": {}, "weight_map": {"model.norm.weight": "model-0', "not JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"metadata": {}}', "weight_map"),
+    ],
+)
+def test_corrupt_shard_index_names_the_index(tmp_path, content, match):
+    model = _save_hf_model(tmp_path, "llama_untied")
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    (sharded / "model.safetensors.index.json").write_text(content)
+    with pytest.raises(ModelLoadError, match=match) as info:
+        hf_loader.load_pretrained(sharded, max_seq_len=8)
+    assert "model.safetensors.index.json" in str(info.value)
+    assert "fetch_model.py" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content", [b'{"architectures": ["LlamaForCausalLM"', b'{"name": "caf\xe9"}']
+)
+def test_damaged_config_json_is_a_model_load_error(tmp_path, content):
+    _save_hf_model(tmp_path, "llama_untied")
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ModelLoadError, match=r"config\.json is not valid JSON.*fetch_model\.py"):
+        hf_loader.load_pretrained(tmp_path, max_seq_len=8)

@@ -1,6 +1,7 @@
 """Tests for fedjax_llm.data.loaders: every file format, schema detection and error path."""
 
 import json
+import re
 
 import pytest
 
@@ -306,3 +307,151 @@ def test_preference_pairs_errors(tmp_path):
     missing = write(tmp_path / "m.jsonl", [{"prompt": "q", "chosen": "a"}])
     with pytest.raises(ValueError, match=r"lacks \['rejected'\]"):
         load_preference_pairs(missing, cache_dir=str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Text that is not UTF-8 (Latin-1 bytes such as b"\xe9", or b"\xff\xfe").
+# ------------------------------------------------------------------------------------------------
+
+BAD = b"caf\xe9 \xff\xfe bad"  # Latin-1 'é' and a stray UTF-16 BOM inside a value
+
+
+def _jsonl_line(record):
+    return json.dumps(record).encode()
+
+
+def _bad_parquet(path, nested=False):
+    """A Parquet file whose string column holds bytes that are not UTF-8 in row 2."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = pa.array([b"fine", b"also fine", BAD, b"ok"], pa.binary()).view(pa.string())
+    if nested:
+        role = pa.array(["user"] * 4)
+        turns = pa.StructArray.from_arrays([role, values], names=["role", "content"])
+        column = pa.ListArray.from_arrays(pa.array([0, 1, 2, 3, 4], pa.int32()), turns)
+        pq.write_table(pa.table({"messages": column}), path)
+    else:
+        pq.write_table(pa.table({"text": values, "n": [0, 1, 2, 3]}), path)
+
+
+NON_UTF8 = {
+    # name: (file name, content bytes or writer, load kwargs, where the message must point)
+    "jsonl": (
+        "d.jsonl",
+        b"\n".join(
+            [
+                _jsonl_line({"text": "one"}),
+                _jsonl_line({"text": "two"}),
+                b'{"text": "' + BAD + b'"}',
+                _jsonl_line({"text": "four"}),
+            ]
+        )
+        + b"\n",
+        {},
+        r"line 3\b",
+    ),
+    "jsonl_messages": (
+        "chat.jsonl",
+        _jsonl_line(MESSAGES[0])
+        + b'\n{"messages": [{"role": "user", "content": "'
+        + BAD
+        + b'"}, {"role": "assistant", "content": "x"}]}\n',
+        {},
+        r"line 2\b",
+    ),
+    "json_array": (
+        "d.json",
+        b'[\n {"text": "one"},\n {"text": "two"},\n {"text": "' + BAD + b'"}\n]',
+        {},
+        r"record 2 \(counted from 0; line 4\)",
+    ),
+    "json_lines_in_json": (
+        "d.json",
+        _jsonl_line({"text": "one"}) + b'\n{"text": "' + BAD + b'"}\n',
+        {},
+        r"line 2\b",
+    ),
+    "txt_document": ("d.txt", b"first line\nsecond " + BAD + b"\nthird\n", {}, r"line 2\b"),
+    "txt_line": (
+        "d.txt",
+        b"first line\nsecond line\n" + BAD + b"\n",
+        {"sample_by": "line"},
+        r"line 3\b",
+    ),
+    "csv": (
+        "d.csv",
+        b'text,category\none,a\n"multi\nline two",b\n' + BAD + b",c\n",
+        {},
+        r"row 2 \(data rows counted from 0; line 5\)",
+    ),
+    "csv_header": ("d.csv", b"t\xe9xt,category\none,a\n", {"format": "auto"}, "header row"),
+    "parquet": ("d.parquet", _bad_parquet, {}, r"record 2 \(counted from 0\), column 'text'"),
+    "parquet_nested": (
+        "d.parquet",
+        lambda path: _bad_parquet(path, nested=True),
+        {},
+        r"record 2 \(counted from 0\), column 'messages'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NON_UTF8))
+def test_non_utf8_record_is_named_with_the_fix(tmp_path, case):
+    name, content, kwargs, where = NON_UTF8[case]
+    path = tmp_path / name
+    if callable(content):
+        content(path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        loaded = load(path, **kwargs)
+        loaded.column(loaded.column_names[0])  # a silently kept bad record would fail here
+    err = info.value
+    # Not a bare UnicodeDecodeError (a ValueError subclass) from deep inside Arrow.
+    assert type(err) is ValueError, repr(err)
+    message = str(err)
+    assert message.startswith(f"{name!r} is not valid UTF-8"), message
+    assert re.search(where, message), message
+    assert "iconv -f" in message and "-t utf-8" in message
+
+
+def test_non_utf8_file_among_good_ones_is_the_one_named(tmp_path):
+    write(tmp_path / "m" / "a.jsonl", ALPACA)
+    (tmp_path / "m" / "b.jsonl").write_bytes(
+        _jsonl_line(ALPACA[0]) + b'\n{"instruction": "' + BAD + b'", "output": "y"}\n'
+    )
+    write(tmp_path / "m" / "c.jsonl", ALPACA)
+    with pytest.raises(ValueError, match=r"^'b\.jsonl' is not valid UTF-8: line 2\b"):
+        load(tmp_path / "m")
+
+
+def test_utf16_file_gets_the_utf16_hint(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_bytes("hello\nworld\n".encode("utf-16"))
+    with pytest.raises(ValueError, match=r"line 1\b.*iconv -f utf-16 -t utf-8"):
+        load(path)
+
+
+def test_valid_non_ascii_utf8_is_kept_exactly(tmp_path):
+    texts = ["café ☕", "naïve 東京", "emoji 🙂 ok"]
+    for ext in ("jsonl", "json", "csv", "parquet"):
+        loaded = load(write(tmp_path / ext / f"d.{ext}", [{"text": t} for t in texts]))
+        assert loaded.column("text") == texts, ext
+    (tmp_path / "d.txt").write_text("\n".join(texts), encoding="utf-8")
+    assert load(tmp_path / "d.txt", sample_by="line").column("text") == texts
+
+
+def test_utf8_scan_is_exact_across_chunk_boundaries(tmp_path, monkeypatch):
+    from fedjax_llm.data import loaders
+
+    # Chunks of 5 bytes cut multi-byte characters and lines anywhere.
+    monkeypatch.setattr(loaders, "_SCAN_CHUNK", 5)
+    good = "ab\ncafé ☕ long line without a newline for a while\n東京\n\nend".encode()
+    path = tmp_path / "d.txt"
+    path.write_bytes(good)
+    assert loaders._first_invalid_utf8(str(path)) is None
+    path.write_bytes(good + b"\nx\xe9y")
+    assert loaders._first_invalid_utf8(str(path)) == (len(good) + 2, 6, b"\xe9")
+    path.write_bytes(b"\xff" + good)
+    assert loaders._first_invalid_utf8(str(path)) == (0, 1, b"\xff")

@@ -1,5 +1,6 @@
 """Tests for fedjax_llm.data.partitioners."""
 
+import hashlib
 import json
 import time
 import warnings
@@ -8,10 +9,13 @@ import numpy as np
 import pytest
 
 from fedjax_llm.data import (
+    DIRICHLET_OVER,
     PARTITIONERS,
+    dirichlet_partition,
     format_partition_stats,
     natural_clients,
     partition,
+    partition_convention,
     partition_stats,
 )
 
@@ -99,6 +103,142 @@ def test_dirichlet_equal_sizes():
     labels = _labels(1000, 7, 1, skew=True)
     sizes = [a.size for a in partition("dirichlet", labels, 30, 0, alpha=0.05)]
     assert max(sizes) - min(sizes) <= 1
+
+
+def _digest(assignment):
+    return hashlib.sha256(
+        b"".join(np.asarray(a, np.int64).tobytes() + b"|" for a in assignment)
+    ).hexdigest()
+
+
+def test_dirichlet_default_convention_is_unchanged():
+    """Outputs recorded before `over` existed: the default stays the same bit for bit."""
+    small = [
+        [0, 6, 12, 15, 17, 18],
+        [3, 5, 8, 9, 20, 23],
+        [2, 11, 13, 14, 21, 22],
+        [1, 4, 7, 10, 16, 19],
+    ]
+    labels = np.arange(24) % 3
+    for kwargs in ({}, {"over": "labels"}):
+        got = dirichlet_partition(labels, 4, 5, alpha=0.5, **kwargs)
+        assert [a.tolist() for a in got] == small
+    labels = np.random.default_rng(0).integers(0, 6, 600)
+    for got in (
+        dirichlet_partition(labels, 12, 11, alpha=0.3),
+        partition("dirichlet", labels, 12, 11, alpha=0.3, over="labels"),
+    ):
+        assert _digest(got) == "93f12379d5fe35cefa3fe83df7787c6f8fdef2624dc06b1cd7d304fbf3b9ca32"
+
+
+@pytest.mark.parametrize(
+    "n, num_clients, num_labels, alpha, min_examples, skew",
+    [
+        (50, 5, 3, 0.5, 2, False),
+        (600, 30, 7, 0.5, 2, True),
+        (1000, 20, 10, 0.1, 3, False),
+        (500, 1, 5, 0.5, 2, False),
+        (2000, 10, 4, 1.0, 130, True),  # min_examples above what one draw usually gives
+    ],
+)
+def test_dirichlet_over_clients_assigns_every_example(
+    n, num_clients, num_labels, alpha, min_examples, skew
+):
+    for seed in range(3):
+        labels = _labels(n, num_labels, seed, skew)
+        assignment = partition(
+            "dirichlet",
+            labels,
+            num_clients,
+            seed,
+            alpha=alpha,
+            over="clients",
+            min_examples=min_examples,
+        )
+        assert len(assignment) == num_clients
+        idx = np.concatenate(assignment)
+        np.testing.assert_array_equal(np.sort(idx), np.arange(n))  # every example, once
+        np.testing.assert_array_equal(  # so every label's examples are all assigned
+            _client_label_counts(assignment, labels, num_labels).sum(axis=0),
+            np.bincount(labels, minlength=num_labels),
+        )
+        assert min(a.size for a in assignment) >= min_examples
+        for a in assignment:
+            assert np.all(np.diff(a) > 0)
+
+
+def test_dirichlet_over_clients_has_unequal_sizes():
+    labels = _labels(5000, 7, 0)
+    sizes = np.array(
+        [a.size for a in partition("dirichlet", labels, 50, 0, alpha=0.5, over="clients")]
+    )
+    assert sizes.max() > 3 * sizes.min() and sizes.std() > 0.3 * sizes.mean()
+    same = [a.size for a in partition("dirichlet", labels, 50, 0, alpha=0.5, over="labels")]
+    assert max(same) - min(same) <= 1
+
+
+@pytest.mark.parametrize("over", DIRICHLET_OVER)
+def test_dirichlet_heterogeneity_grows_as_alpha_shrinks(over):
+    labels = _labels(6000, 7, 2)
+    names = [str(i) for i in range(7)]
+    alphas = [1000.0, 10.0, 1.0, 0.3, 0.1]
+    entropy = []
+    for alpha in alphas:
+        per_seed = [
+            partition_stats(
+                partition("dirichlet", labels, 20, seed, alpha=alpha, over=over), labels, names
+            )["client_label_entropy_mean"]
+            for seed in range(3)
+        ]
+        entropy.append(np.mean(per_seed))
+    assert np.all(np.diff(entropy) < 0), dict(zip(alphas, entropy, strict=True))
+    assert entropy[0] > 0.95 * np.log(7)  # nearly IID
+    assert entropy[-1] < 0.5 * np.log(7)  # a few labels per client
+
+
+def test_dirichlet_over_clients_deterministic_by_seed():
+    labels = _labels(800, 5, 0)
+    a, b, c = (
+        partition("dirichlet", labels, 16, seed, alpha=0.3, over="clients") for seed in (7, 7, 8)
+    )
+    assert _digest(a) == _digest(b) != _digest(c)
+    assert _digest(a) != _digest(partition("dirichlet", labels, 16, 7, alpha=0.3))
+
+
+def test_dirichlet_over_clients_impossible_min_examples_is_a_clear_error():
+    # 20 clients of 3 labels at alpha 0.01: each label lands on about one client.
+    with pytest.raises(ValueError, match=r"over clients.*raise alpha.*over='labels'"):
+        partition("dirichlet", _labels(200, 3, 0), 20, 0, alpha=0.01, over="clients")
+
+
+def test_dirichlet_over_must_be_a_known_convention():
+    with pytest.raises(ValueError, match=r"over must be one of \['labels', 'clients'\]"):
+        partition("dirichlet", _labels(100, 7, 0), 10, 0, over="users")
+
+
+def test_stats_name_the_dirichlet_convention():
+    labels = _labels(500, 5, 0)
+    names = [str(i) for i in range(5)]
+    for kwargs, want in [
+        ({"alpha": 0.5}, "over labels"),
+        ({"alpha": 0.5, "over": "labels"}, "over labels"),
+        ({"alpha": 0.5, "over": "clients"}, "over clients"),
+    ]:
+        assignment = partition("dirichlet", labels, 10, 0, **kwargs)
+        stats = partition_stats(
+            assignment, labels, names, partitioner="dirichlet", partitioner_kwargs=kwargs
+        )
+        json.dumps(stats)
+        assert want in stats["convention"] and stats["partitioner_kwargs"] == kwargs
+        assert f"convention: dirichlet {want}" in format_partition_stats(stats)
+        # Stats made without the keyword (as build_task_data does) are named when formatted.
+        plain = partition_stats(assignment, labels, names)
+        assert "convention" not in plain
+        plain.update(partitioner="dirichlet", partitioner_kwargs=kwargs)
+        assert f"convention: dirichlet {want}" in format_partition_stats(plain)
+    assert "Hsu" in partition_convention("dirichlet") and "FedMA" in partition_convention(
+        "dirichlet", {"over": "clients"}
+    )
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 7])

@@ -31,6 +31,7 @@ from fedjax_llm.data.loaders import (
 )
 from fedjax_llm.data.partition_report import client_label_counts, save_partition_report
 from fedjax_llm.data.partitioners import (
+    DIRICHLET_OVER,
     PARTITIONERS,
     NaturalClients,
     dirichlet_partition,
@@ -39,6 +40,7 @@ from fedjax_llm.data.partitioners import (
     natural_clients,
     natural_partition,
     partition,
+    partition_convention,
     partition_stats,
     pathological_partition,
     quantity_skew_partition,
@@ -58,6 +60,7 @@ __all__ = [
     "ClientArrays",
     "CHATML_TEMPLATE",
     "DEFAULT_FAMILIES",
+    "DIRICHLET_OVER",
     "FILE_COLUMN",
     "FORMATS",
     "LOSS_ON",
@@ -91,6 +94,7 @@ __all__ = [
     "natural_clients",
     "natural_partition",
     "partition",
+    "partition_convention",
     "partition_stats",
     "pathological_partition",
     "quantity_skew_partition",

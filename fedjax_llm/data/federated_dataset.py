@@ -447,7 +447,9 @@ def build_task_data(
 
     train_prompts = {pool_examples[i].prompt for i in np.concatenate(train_assign).tolist()}
     test_idx = np.concatenate(test_assign).tolist()
-    stats = partition_stats(assignment, pool.labels, families)
+    stats = partition_stats(
+        assignment, pool.labels, families, partitioner=partitioner, partitioner_kwargs=kwargs
+    )
     stats.update(
         partitioner=partitioner,
         partitioner_kwargs=kwargs,

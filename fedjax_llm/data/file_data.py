@@ -147,8 +147,9 @@ def build_file_data(
             those clients, chosen by `seed`.
         partitioner: A key of `PARTITIONERS`: `natural` (by `client_column`), or `iid`,
             `dirichlet`, `pathological`, `quantity_skew` (by the label column).
-        partitioner_kwargs: Keyword arguments of the partitioner, e.g. `{"alpha": 0.3}`;
-            `min_examples` defaults to 2 and may not be lower.
+        partitioner_kwargs: Keyword arguments of the partitioner, e.g. `{"alpha": 0.3}` or
+            `{"alpha": 0.3, "over": "clients"}` (see `dirichlet_partition` for the two Dirichlet
+            conventions); `min_examples` defaults to 2 and may not be lower.
         label_column: Column whose values are the labels (category, source, language, or
             `"__file__"`), used by label-skew partitioners and per-category evaluation; None
             gives every record the label `"all"`.
@@ -174,12 +175,13 @@ def build_file_data(
 
     Returns:
         The `TaskData`. `eval.label_names` are the label values. `stats` holds
-        `partition_stats` of the partition plus `source`, `schema`, `task` (`"instruction"` or
-        `"text"`), `exact_match_meaningful`, `files`, `empty_files`, `num_records`, the
-        formatting counts (`format_pool`, `format_eval`, and `dropped_by_truncation`,
-        `dropped_empty`, `truncated` summed over both), `dropped_clients` (`count`,
-        `examples`, the first 100 `names`), `client_names` (for `natural`), `client_num_train`,
-        `client_num_test`, and the arguments that shaped the data.
+        `partition_stats` of the partition (with its `convention`) plus `source`, `schema`,
+        `task` (`"instruction"` or `"text"`), `exact_match_meaningful`, `files`,
+        `empty_files`, `num_records`, the formatting counts (`format_pool`, `format_eval`, and
+        `dropped_by_truncation`, `dropped_empty`, `truncated` summed over both),
+        `dropped_clients` (`count`, `examples`, the first 100 `names`), `client_names` (for
+        `natural`), `client_num_train`, `client_num_test`, and the arguments that shaped the
+        data.
 
     Raises:
         FileNotFoundError: If `path` does not exist (see `load_records`).
@@ -312,7 +314,9 @@ def build_file_data(
     train = make_federated_dataset(pool, train_assign)
     client_test = make_federated_dataset(pool, test_assign)
 
-    stats = partition_stats(assignment, pool.labels, label_names)
+    stats = partition_stats(
+        assignment, pool.labels, label_names, partitioner=partitioner, partitioner_kwargs=kwargs
+    )
     reports = (pool_report, eval_report)
     stats.update(
         source=loaded.source,

@@ -20,13 +20,20 @@ the file it came from relative to the folder searched (one-client-per-file split
 Each file is loaded as its own split of one `datasets` build, so rows are tagged with their file
 without reading anything twice; that costs about 10 ms per file. Empty files among non-empty ones
 are skipped and listed in `LoadedDataset.empty_files`; if every file is empty the load fails.
+
+Text must be UTF-8. Bytes that are not are never replaced: the load fails with a `ValueError`
+naming the file, the record (line for JSONL and text files, row for CSV, record for JSON arrays,
+Parquet and hub data) and the fix (re-encode the file, e.g. with `iconv -f latin1 -t utf-8`).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import glob
+import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -241,15 +248,167 @@ def _is_empty(path: str) -> bool:
         return pq.ParquetFile(path).metadata.num_rows == 0
     if size > 4096:
         return False
-    with open(path, encoding="utf-8", errors="replace") as f:
+    # Bytes, not text: deciding emptiness must neither fail on nor hide bytes that are not UTF-8
+    # (those are reported with their line by `_invalid_utf8_error`).
+    with open(path, "rb") as f:
         content = f.read().strip()
     if not content:
         return True
     if ext in (".json", ".jsonl"):
-        return content in ("[]", "{}")
+        return content in (b"[]", b"{}")
     if ext == ".csv":
         return len([line for line in content.splitlines() if line.strip()]) <= 1  # header only
     return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Text that is not UTF-8.
+# ----------------------------------------------------------------------------------------------
+
+_TEXT_EXTENSIONS = (".json", ".jsonl", ".csv", ".txt")
+_SCAN_CHUNK = 1 << 24  # bytes read at a time when looking for bytes that are not UTF-8
+_SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a bad byte
+
+
+def _first_invalid_utf8(path: str) -> tuple[int, int, bytes] | None:
+    """(byte offset, 1-based line, offending bytes) of the first invalid UTF-8, or None.
+
+    Reads the file in chunks cut after a newline (a newline byte never occurs inside a UTF-8
+    sequence), so memory stays bounded and line numbers are exact.
+    """
+    offset, line, carry = 0, 1, b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_SCAN_CHUNK)
+            data = carry + chunk
+            if not data:
+                return None
+            cut = data.rfind(b"\n") + 1 if chunk else len(data)
+            if cut == 0:  # no newline yet: read on
+                carry = data
+                continue
+            piece, carry = data[:cut], data[cut:]
+            try:
+                piece.decode("utf-8")
+            except UnicodeDecodeError as err:
+                where = line + piece.count(b"\n", 0, err.start)
+                return offset + err.start, where, piece[err.start : err.end]
+            offset += len(piece)
+            line += piece.count(b"\n")
+            if not chunk:
+                return None
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
+
+
+def _record_of_line(path: str, ext: str, line: int) -> str:
+    """Names the record holding the first bad byte, found at `line`, as a reader counts them."""
+    if ext in (".jsonl", ".txt"):
+        return f"line {line}"
+    if ext == ".csv":
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            for row, fields in enumerate(csv.reader(f)):
+                if any(_has_surrogate(x) for x in fields):
+                    if row == 0:
+                        return f"the header row (line {line})"
+                    return f"row {row - 1} (data rows counted from 0; line {line})"
+        return f"line {line}"
+    # .json: an array of records (read whole, as `datasets` does), or JSON lines.
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        try:
+            document = json.load(f)
+        except ValueError:
+            return f"line {line}"
+    if isinstance(document, list):
+        for row, value in enumerate(document):
+            if _has_surrogate(value):
+                return f"record {row} (counted from 0; line {line})"
+    return f"line {line}"
+
+
+def _reencode_hint(path: str, offset: int) -> str:
+    stem, ext = os.path.splitext(path)
+    utf16 = False
+    if offset == 0:
+        with open(path, "rb") as f:
+            utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")
+    source = "utf-16" if utf16 else "latin1"
+    guess = "it starts with a UTF-16 byte-order mark" if utf16 else "if it is Latin-1"
+    return (
+        f"re-encode the file as UTF-8, e.g. `iconv -f {source} -t utf-8 {path} > "
+        f"{stem}.utf8{ext}` ({guess}; `file -i {path}` guesses the encoding) and load that"
+    )
+
+
+def _invalid_utf8_error(path: str, name: str) -> ValueError | None:
+    """A ValueError naming the file, record and fix if `path` is not UTF-8 text, else None."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _TEXT_EXTENSIONS:
+        return None
+    found = _first_invalid_utf8(path)
+    if found is None:
+        return None
+    offset, line, bad = found
+    return ValueError(
+        f"{name!r} is not valid UTF-8: {_record_of_line(path, ext, line)} holds the bytes "
+        f"{bad!r} (byte offset {offset}), which are not UTF-8 text; "
+        f"{_reencode_hint(path, offset)}."
+    )
+
+
+def _check_arrow_text(part: Any, path: str | None, name: str) -> None:
+    """Raises a clear ValueError if loaded records hold strings that are not valid UTF-8.
+
+    Arrow's JSON-lines and Parquet readers keep such bytes in string columns unchecked; they would
+    fail later, deep inside formatting, with a bare UnicodeDecodeError. One full validation of the
+    Arrow table is cheap (C++, no Python objects); only on failure is the record looked for.
+    """
+    import pyarrow as pa
+
+    table = getattr(part.data, "table", part.data)
+    try:
+        table.validate(full=True)
+        return
+    except pa.ArrowInvalid as err:
+        problem = str(err)
+    if path is not None:
+        text_error = _invalid_utf8_error(path, name)
+        if text_error is not None:
+            raise text_error
+    for column in table.column_names:
+        values = table.column(column)
+        try:
+            values.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        # Bisect with Python conversion (it decodes every string, nested ones too); error path only.
+        lo, hi = 0, len(values)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            try:
+                values.slice(lo, mid - lo).to_pylist()
+                lo = mid
+            except UnicodeDecodeError:
+                hi = mid
+        try:
+            values.slice(lo, 1).to_pylist()
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{name!r} is not valid UTF-8: record {lo} (counted from 0), column {column!r}, "
+                f"holds the bytes {err.object[err.start : err.end]!r}, which are not UTF-8 text; "
+                "re-encode the data as UTF-8 (e.g. `iconv -f latin1 -t utf-8` on the file it was "
+                "made from) and write it again."
+            ) from None
+    raise ValueError(f"{name!r} holds data Arrow cannot read ({problem}); fix or remove it.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,6 +493,10 @@ def _load_files(files: list[str], sample_by: str, cache_dir: str | None) -> tupl
     except _BUGS:
         raise
     except Exception as err:
+        for file, name in zip(files, names, strict=True):
+            text_error = _invalid_utf8_error(file, name)
+            if text_error is not None:
+                raise text_error from None
         if len(files) == 1:
             raise ValueError(
                 f"could not read {names[0]!r} as {builder} ({_root_cause(err)}); fix the file "
@@ -341,6 +504,8 @@ def _load_files(files: list[str], sample_by: str, cache_dir: str | None) -> tupl
             ) from err
         _diagnose(builder, files, names, err, **kwargs)
     parts = [splits[f"f{i}"] for i in range(len(files))]
+    for part, file, name in zip(parts, files, names, strict=True):
+        _check_arrow_text(part, file, name)
     sizes = [len(p) for p in parts]
     empty += [n for n, s in zip(names, sizes, strict=True) if s == 0]
     if sum(sizes) == 0:
@@ -370,6 +535,7 @@ def _load_hub(name: str, split: str, cache_dir: str | None) -> Any:
             "datasets need internet; on an offline machine copy the files here and pass their "
             "path."
         ) from err
+    _check_arrow_text(dataset, None, name)
     if FILE_COLUMN not in dataset.column_names:
         dataset = dataset.add_column(FILE_COLUMN, [name] * len(dataset))
     if len(dataset) == 0:
@@ -445,9 +611,10 @@ def load_records(
     Raises:
         FileNotFoundError: If a path does not exist or a folder/glob holds no supported file.
         ValueError: If the files mix formats, a file cannot be parsed or files disagree on
-            columns (the message names the file), every file is empty (it names them), the
-            columns fit no schema or lack what `format` needs (it lists the columns found and
-            those each schema expects), or an argument is invalid.
+            columns (the message names the file), a record is not valid UTF-8 (it names the
+            file, the line or record, and how to re-encode it), every file is empty (it names
+            them), the columns fit no schema or lack what `format` needs (it lists the columns
+            found and those each schema expects), or an argument is invalid.
     """
     if format not in FORMATS and format != "preference":
         raise ValueError(f"format: unknown value {format!r}; valid values are {list(FORMATS)}.")

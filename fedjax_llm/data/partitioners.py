@@ -19,12 +19,13 @@ import dataclasses
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "DIRICHLET_OVER",
     "PARTITIONERS",
     "dirichlet_partition",
     "format_partition_stats",
@@ -33,6 +34,7 @@ __all__ = [
     "natural_clients",
     "natural_partition",
     "partition",
+    "partition_convention",
     "partition_stats",
     "pathological_partition",
     "quantity_skew_partition",
@@ -170,41 +172,73 @@ def quantity_skew_partition(
     return _split_by_client(_assign_by_sizes(sizes, rng), num_clients)
 
 
+DIRICHLET_OVER = ("labels", "clients")
+"""Conventions of `dirichlet_partition`: what each Dirichlet draw is a distribution over."""
+
+_DIRICHLET_ATTEMPTS = 1000  # draws of over="clients" before giving up on min_examples
+
+
 def dirichlet_partition(
     labels: np.ndarray,
     num_clients: int,
     seed: int,
     *,
     alpha: float = 1.0,
+    over: str = "labels",
     min_examples: int = 2,
 ) -> list[np.ndarray]:
-    """Label skew: each client's label proportions are drawn from a Dirichlet (Hsu et al., 2019).
+    """Label skew from a Dirichlet, in either of the two conventions of the FL literature.
 
-    Client m draws `q_m ~ Dir(alpha * p)`, where `p` is the global label distribution (so the total
-    concentration is `alpha`, as in the paper: with 7 equally frequent labels, `alpha=7` is
-    `Dir(1, ..., 1)`), and clients have equal sizes. Examples are drawn without replacement: each
-    client asks for `multinomial(size, q_m)` examples per label; a label asked for more than it has
-    is shared out at random and the unmet clients ask again, with `q_m` renormalized over the labels
-    that remain, as in the paper when a class runs out. Each round either serves every request or
+    The two conventions draw different things from a Dirichlet, so the same `alpha` does not mean
+    the same heterogeneity in both, and papers' alphas are only comparable within one convention.
+
+    `over="labels"` (the default): a concentration over the labels of each client, with equal
+    client sizes (Hsu et al., 2019). Client m draws its label mix `q_m ~ Dir(alpha * p)`, where
+    `p` is the global label distribution (so the total concentration is `alpha`, as in the paper:
+    with 7 equally frequent labels, `alpha=7` is `Dir(1, ..., 1)`), and every client gets N / M
+    examples (differing by at most one). Examples are drawn without replacement: each client asks
+    for `multinomial(size, q_m)` examples per label; a label asked for more than it has is shared
+    out at random and the unmet clients ask again, with `q_m` renormalized over the labels that
+    remain, as in the paper when a class runs out. Each round either serves every request or
     exhausts a label, so it takes at most K + 1 rounds for K labels.
+
+    `over="clients"`: a concentration over the clients of each label, so client sizes vary
+    (Yurochkin et al., 2019; Wang et al., 2020, FedMA; the "Dir(beta)" split of Li et al., 2022
+    and of most FL code). Label k draws `r_k ~ Dir(alpha, ..., alpha)` over the M clients and its
+    shuffled examples are cut at `floor(cumsum(r_k) * n_k)`, so every example of every label is
+    assigned; a client's size is the sum of its shares. The whole draw is repeated until every
+    client has at least `min_examples` examples (up to 1000 draws, then a ValueError). Unlike the
+    FedMA and NIID-Bench code, no share is zeroed for clients already above N / M: each label's
+    split is exactly `Dir(alpha)`.
 
     Args:
         labels: [N] integer labels.
         num_clients: Number of clients M.
         seed: Non-negative integer seed.
-        alpha: Concentration (> 0). Small (0.1) -> each client is dominated by one or two labels;
-            large (100) -> close to IID.
+        alpha: Concentration (> 0). Small (0.1) -> strong skew: with `over="labels"` each
+            client is dominated by one or two labels; with `over="clients"` each label lives on
+            a few clients and client sizes are very unequal. Large (100) -> close to IID.
+        over: `"labels"` (per-client mix over labels, equal sizes) or `"clients"` (per-label
+            spread over clients, unequal sizes); see `DIRICHLET_OVER`.
         min_examples: Minimum number of examples per client.
 
     Returns:
         M arrays of sorted example indices forming a partition of `range(N)`.
 
     Raises:
-        ValueError: If `alpha` is not a finite number > 0, or N < M * min_examples.
+        ValueError: If `alpha` is not a finite number > 0, `over` is not one of `DIRICHLET_OVER`,
+            N < M * min_examples, or (`over="clients"`) no draw gives every client
+            `min_examples` examples (the message says what to change).
 
     References:
         Hsu, Qi, Brown. "Measuring the Effects of Non-Identical Data Distribution for Federated
         Visual Classification." arXiv:1909.06335, 2019.
+        Yurochkin, Agarwal, Ghosh, Greenewald, Hoang, Khazaeni. "Bayesian Nonparametric Federated
+        Learning of Neural Networks." ICML 2019.
+        Wang, Yurochkin, Sun, Papailiopoulos, Khazaeni. "Federated Learning with Matched
+        Averaging." ICLR 2020.
+        Li, Diao, Chen, He. "Federated Learning on Non-IID Data Silos: An Experimental Study."
+        ICDE 2022.
     """
     labels = _check_common(labels, num_clients, seed, min_examples)
     if not (isinstance(alpha, int | float | np.floating) and math.isfinite(alpha) and alpha > 0):
@@ -212,6 +246,14 @@ def dirichlet_partition(
             f"dirichlet: alpha must be a finite number > 0, got {alpha!r}; use e.g. 0.1 for strong "
             "label skew or 100 for nearly IID clients."
         )
+    if over not in DIRICHLET_OVER:
+        raise ValueError(
+            f"dirichlet: over must be one of {list(DIRICHLET_OVER)}, got {over!r}: 'labels' "
+            "draws each client's label mix from Dir(alpha) (equal client sizes, Hsu et al.), "
+            "'clients' draws each label's spread over clients (unequal sizes, FedMA)."
+        )
+    if over == "clients":
+        return _dirichlet_over_clients(labels, num_clients, seed, float(alpha), min_examples)
     rng = np.random.default_rng(seed)
     classes, y = np.unique(labels, return_inverse=True)
     num_labels = classes.size
@@ -247,6 +289,39 @@ def dirichlet_partition(
     for k in range(num_labels):
         idx = rng.permutation(np.flatnonzero(y == k))
         client_of[idx] = np.repeat(np.arange(num_clients), counts[:, k])
+    return _split_by_client(client_of, num_clients)
+
+
+def _dirichlet_over_clients(
+    labels: np.ndarray, num_clients: int, seed: int, alpha: float, min_examples: int
+) -> list[np.ndarray]:
+    """`dirichlet_partition(..., over="clients")` on checked arguments."""
+    rng = np.random.default_rng(seed)
+    _, y = np.unique(labels, return_inverse=True)
+    y = y.reshape(-1)
+    supply = np.bincount(y).astype(np.int64)
+    best = -1
+    for _ in range(_DIRICHLET_ATTEMPTS):
+        # [K, M]: row k is label k's split over the clients. nan_to_num guards underflow.
+        shares = np.nan_to_num(rng.dirichlet(np.full(num_clients, alpha), size=supply.size))
+        cuts = np.floor(np.cumsum(shares, axis=1) * supply[:, None]).astype(np.int64)
+        cuts[:, -1] = supply  # float round-off must not lose an example
+        counts = np.diff(cuts, axis=1, prepend=0)
+        smallest = int(counts.sum(axis=0).min())
+        if smallest >= min_examples:
+            break
+        best = max(best, smallest)
+    else:
+        raise ValueError(
+            f"dirichlet over clients: in {_DIRICHLET_ATTEMPTS} draws with alpha={alpha} no split "
+            f"of {labels.size} examples gave all {num_clients} clients min_examples={min_examples} "
+            f"(the best left a client with {best}); raise alpha, lower num_clients or "
+            "min_examples, add examples, or use over='labels' (equal client sizes)."
+        )
+    client_of = np.empty(labels.size, dtype=np.int64)
+    for k in range(supply.size):
+        idx = rng.permutation(np.flatnonzero(y == k))
+        client_of[idx] = np.repeat(np.arange(num_clients), counts[k])
     return _split_by_client(client_of, num_clients)
 
 
@@ -561,8 +636,43 @@ def _entropy(counts: np.ndarray) -> np.ndarray:
     return terms.sum(axis=-1)
 
 
+def partition_convention(name: str, kwargs: Mapping[str, Any] | None = None) -> str:
+    """One line saying how partitioner `name` splits, e.g. which Dirichlet convention it uses.
+
+    Args:
+        name: A key of `PARTITIONERS` (other names are returned as they are).
+        kwargs: Its keyword arguments; for `dirichlet`, `over` (default `"labels"`) picks the
+            convention.
+
+    Returns:
+        E.g. `"dirichlet over labels: each client's label mix ~ Dir(alpha * p), equal client
+        sizes (Hsu et al. 2019)"`.
+    """
+    if name == "dirichlet":
+        if dict(kwargs or {}).get("over", "labels") == "clients":
+            return (
+                "dirichlet over clients: each label's examples spread over the clients by "
+                "Dir(alpha), client sizes vary (Yurochkin et al. 2019, FedMA)"
+            )
+        return (
+            "dirichlet over labels: each client's label mix ~ Dir(alpha * p), equal client "
+            "sizes (Hsu et al. 2019)"
+        )
+    return {
+        "iid": "iid: uniformly random, equal client sizes",
+        "pathological": "pathological: classes_per_client labels per client (McMahan et al.)",
+        "quantity_skew": "quantity_skew: lognormal client sizes, labels IID (Li et al. 2022)",
+        "natural": "natural: one client per value of a column",
+    }.get(name, name)
+
+
 def partition_stats(
-    assignment: Sequence[np.ndarray], labels: np.ndarray, label_names: Sequence[str]
+    assignment: Sequence[np.ndarray],
+    labels: np.ndarray,
+    label_names: Sequence[str],
+    *,
+    partitioner: str | None = None,
+    partitioner_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Summarizes how heterogeneous a partition is.
 
@@ -570,6 +680,8 @@ def partition_stats(
         assignment: Each client's example indices.
         labels: [N] integer labels in `[0, len(label_names))`.
         label_names: Name of each label, used as the histogram's keys.
+        partitioner: Name of the partitioner that made `assignment`, if known.
+        partitioner_kwargs: Its keyword arguments (used with `partitioner`).
 
     Returns:
         A JSON-serializable dict with `num_clients`, `num_examples` (assigned),
@@ -577,7 +689,9 @@ def partition_stats(
         labels), the unweighted
         mean over clients of each client's label entropy `client_label_entropy_mean` and of its
         largest label share `dominant_label_share_mean`, the `global_label_entropy` (nats) of all
-        assigned examples and the `global_label_histogram` {name: count}.
+        assigned examples and the `global_label_histogram` {name: count}. With `partitioner`
+        also `partitioner`, `partitioner_kwargs` and `convention` (`partition_convention`, which
+        for `dirichlet` says whether the draws are over labels or over clients).
 
     Raises:
         ValueError: If `assignment` is empty or a label falls outside `label_names`.
@@ -598,7 +712,15 @@ def partition_stats(
     ).reshape(num_clients, num_labels)
     hist = counts.sum(axis=0)
     safe = np.where(sizes > 0, sizes, 1)
+    named = {}
+    if partitioner is not None:
+        named = {
+            "partitioner": partitioner,
+            "partitioner_kwargs": dict(partitioner_kwargs or {}),
+            "convention": partition_convention(partitioner, partitioner_kwargs),
+        }
     return {
+        **named,
         "num_clients": int(num_clients),
         "num_examples": int(sizes.sum()),
         "examples_per_client": {
@@ -622,7 +744,8 @@ def format_partition_stats(stats: dict[str, Any]) -> str:
         stats: The dict from `partition_stats`, optionally with `partitioner`,
             `partitioner_kwargs`, `num_train`, `num_client_test`, `num_eval` and
             `eval_prompt_overlap_with_train` as added by `build_task_data`, and the drop counts
-            that `build_file_data` adds.
+            that `build_file_data` adds. With `partitioner`, a line names its convention
+            (`partition_convention`: for `dirichlet`, over labels or over clients).
 
     Returns:
         A few lines of text, without a trailing newline.
@@ -634,8 +757,13 @@ def format_partition_stats(stats: dict[str, Any]) -> str:
         kwargs = stats.get("partitioner_kwargs") or {}
         args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
         head = f"partition {stats['partitioner']}({args})"
-    lines = [
-        f"{head}: {stats['num_clients']} clients, {stats['num_examples']} examples",
+    lines = [f"{head}: {stats['num_clients']} clients, {stats['num_examples']} examples"]
+    if "partitioner" in stats:
+        convention = stats.get("convention") or partition_convention(
+            stats["partitioner"], stats.get("partitioner_kwargs")
+        )
+        lines.append(f"  convention: {convention}")
+    lines += [
         f"  examples/client: min {e['min']}  median {e['median']:g}  mean {e['mean']:.1f}  "
         f"max {e['max']}",
         f"  labels/client: {stats['labels_per_client_mean']:.2f} of {num_labels} on average, "

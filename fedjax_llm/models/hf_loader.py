@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_llm.errors import UserError
 from fedjax_llm.models import llama
 from fedjax_llm.models.llama import LlamaConfig
 
@@ -62,7 +63,7 @@ _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A model directory that cannot be loaded: missing files, unsupported fields, bad tensors."""
 
 
@@ -90,8 +91,10 @@ def load_hf_config(path: str | pathlib.Path) -> dict[str, Any]:
         raise ModelLoadError(f"{str(directory)!r} has no config.json; it is not a HF model dir.")
     try:
         return json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelLoadError(f"{config_file} is not valid JSON: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(
+            f"{config_file} is not valid JSON ({err}); it is damaged: {_refetch_hint(directory)}."
+        ) from None
 
 
 def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
@@ -194,16 +197,37 @@ def hf_to_llama_config(
     return config
 
 
+def _refetch_hint(directory: pathlib.Path) -> str:
+    return (
+        "re-download the model, or, for a directory made by scripts/fetch_model.py, run "
+        f"`python scripts/fetch_model.py <name> --force --out {directory}` again"
+    )
+
+
 def _weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            reason = "not a JSON object" if isinstance(err, AttributeError) else f"not JSON ({err})"
+            raise ModelLoadError(
+                f"the shard index {index} is {reason}; it is damaged or was cut short by an "
+                f"interrupted download or copy: {_refetch_hint(directory)}."
+            ) from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) for name in weight_map.values()
+        ):
+            raise ModelLoadError(
+                f"the shard index {index} has no 'weight_map' of tensor name -> shard file; it "
+                f"is not a safetensors index: {_refetch_hint(directory)}."
+            )
         files = sorted({directory / name for name in weight_map.values()})
         missing = [str(f.name) for f in files if not f.is_file()]
         if missing:
             raise ModelLoadError(f"{index} names shard(s) that do not exist: {missing}.")
         return files
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
     if not files:
         found = sorted(p.name for p in directory.iterdir())
         raise ModelLoadError(
@@ -213,14 +237,32 @@ def _weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
+def _unreadable(file: pathlib.Path, err: BaseException) -> ModelLoadError:
+    size = file.stat().st_size if file.is_file() else None
+    what = "is empty (0 bytes)" if size == 0 else f"is not a readable safetensors file ({err})"
+    return ModelLoadError(
+        f"weight file {file} {what}; it is truncated or damaged, e.g. by an interrupted "
+        f"download or copy: {_refetch_hint(file.parent)}."
+    )
+
+
 def _tensors(files: list[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import safe_open
+    """Yields (name, tensor) of every file; an unreadable file raises `ModelLoadError`."""
+    from safetensors import SafetensorError, safe_open
 
     for file in files:
-        # The flax framework reads bfloat16 too (numpy has no bfloat16).
-        with safe_open(str(file), framework="flax") as handle:
+        try:
+            # The flax framework reads bfloat16 too (numpy has no bfloat16).
+            handle = safe_open(str(file), framework="flax")
+        except (SafetensorError, OSError) as err:
+            raise _unreadable(file, err) from None
+        with handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                yield name, handle.get_tensor(name)
+                try:
+                    tensor = handle.get_tensor(name)
+                except (SafetensorError, OSError) as err:
+                    raise _unreadable(file, err) from None
+                yield name, tensor
 
 
 def load_hf_params(
@@ -238,8 +280,10 @@ def load_hf_params(
       The params, shaped like `llama.init_params(config, key)`.
 
     Raises:
-      ModelLoadError: If weights are missing, a tensor is missing or unexpected, or a shape does
-        not match the config (the tensor is named).
+      ModelLoadError: If weights are missing, a weight file or the shard index is empty,
+        truncated or otherwise unreadable (the file is named, with how to fetch it again), a
+        tensor is missing or unexpected, or a shape does not match the config (the tensor is
+        named).
     """
     if dtype not in LOAD_DTYPES:
         raise ModelLoadError(f"load dtype {dtype!r} is not one of {LOAD_DTYPES}.")
