@@ -9,36 +9,46 @@ rounds therefore reproduces an uninterrupted run bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from typing import Any
+import shutil
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fedjax_llm.errors import CheckpointReadError, CheckpointWriteError, UserError
 from kernels.pytree import PyTree
 
-# Settings that may change between a run and its resumption: they decide what is written and how
-# the round is laid out (chunks, devices, engine: equal results up to float rounding), not the
-# state.
+# Settings that may change between a run and its resumption: they decide what is written, where
+# and when the run stops, never a result. The round's layout (run.clients_per_chunk, run.devices,
+# run.engine) is not among them: it changes the float rounding of the chunked sums, so a resumed
+# run would no longer equal an uninterrupted one bit for bit. run.num_rounds may change only
+# while no learning-rate schedule depends on it (checked by the simulation).
 RESUMABLE_FIELDS = (
     "run.partition_report",
     "run.save_checkpoints",
-    "run.devices",
-    "run.engine",
     "run.num_rounds",
     "run.resume",
     "run.output_dir",
     "run.checkpoint_every",
     "run.keep_checkpoints",
     "run.log_every",
-    "run.clients_per_chunk",
     "run.stop_after",
 )
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint was made with a config that the current run cannot continue."""
+
+
+T = TypeVar("T")
+
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def _flatten(tree: PyTree) -> dict[str, Any]:
@@ -46,52 +56,186 @@ def _flatten(tree: PyTree) -> dict[str, Any]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
 
 
+def _crc32(array: Any) -> int:
+    return zlib.crc32(np.ascontiguousarray(np.asarray(array)).view(np.uint8).reshape(-1))
+
+
+# Causes of a failed write or read that a person can act on, as storage layers word them.
+_KNOWN_CAUSES = (
+    "No space left on device",
+    "Read-only file system",
+    "Permission denied",
+    "Disk quota exceeded",
+    "No such file or directory",
+)
+
+
+def _cause(err: BaseException) -> str:
+    text = str(err)
+    for cause in _KNOWN_CAUSES:
+        if cause in text:
+            return cause.lower()
+    lines = text.strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+
+
+@contextlib.contextmanager
+def _quiet_storage_threads() -> Iterator[None]:
+    # Orbax's writer threads log a failed write (with its traceback) before the error reaches
+    # the caller; the caller reports it once, as a named error.
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class Checkpointer:
     """Saves and restores the global state of a run.
+
+    Saves are synchronous and atomic: a checkpoint is written to a temporary folder and renamed
+    when complete, so a crash, a full disk or a kill at any moment leaves every earlier
+    checkpoint intact. Each array's CRC-32 is stored with it and checked on restore, so a
+    corrupted file is reported (and an older checkpoint used) instead of resuming from wrong
+    values.
 
     Args:
       directory: where checkpoints live (``<run_dir>/checkpoints``).
       keep: how many of the most recent checkpoints to keep.
+      read_only: open an existing folder for reading only (nothing is created or cleaned).
+
+    Raises:
+      CheckpointReadError: with ``read_only``, if ``directory`` is not an existing folder.
+      CheckpointWriteError: without it, if the folder cannot be created.
     """
 
-    def __init__(self, directory: str, keep: int = 2):
+    def __init__(self, directory: str, keep: int = 2, *, read_only: bool = False):
         self.directory = os.path.abspath(directory)
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        )
+        if read_only and not os.path.isdir(self.directory):
+            raise CheckpointReadError(f"{self.directory} is not a folder of checkpoints.")
+        try:
+            with _quiet_storage_threads():
+                self._manager = ocp.CheckpointManager(
+                    self.directory,
+                    options=ocp.CheckpointManagerOptions(
+                        max_to_keep=keep,
+                        create=not read_only,
+                        read_only=read_only,
+                        # Leftovers of a save that was killed or failed are never committed.
+                        cleanup_tmp_directories=not read_only,
+                        enable_async_checkpointing=False,
+                    ),
+                )
+        except OSError as err:
+            raise CheckpointWriteError(
+                f"cannot create the checkpoint folder {self.directory}: {_cause(err)}. Choose a "
+                "writable --run.output_dir."
+            ) from None
+
+    def rounds(self) -> list[int]:
+        """Rounds of the committed checkpoints, oldest first."""
+        return sorted(self._manager.all_steps())
 
     def latest_round(self) -> int | None:
         """Returns the round of the newest checkpoint, or None if there is none."""
-        return self._manager.latest_step()
+        rounds = self.rounds()
+        return rounds[-1] if rounds else None
 
     def path(self, round_num: int) -> str:
         """Returns the directory of the checkpoint taken after ``round_num`` rounds."""
         return os.path.join(self.directory, str(round_num))
 
     def save(self, round_num: int, state: PyTree, metadata: dict) -> None:
-        """Saves the state after ``round_num`` rounds and waits until it is on disk.
+        """Saves the state after ``round_num`` rounds and returns once it is committed on disk.
 
         Args:
           round_num: number of completed rounds.
           state: pytree of arrays (PRNG keys as key data).
           metadata: JSON-serializable data (history, config).
+
+        Raises:
+          CheckpointWriteError: if the checkpoint cannot be written (permissions, disk full,
+            storage errors); the previous committed checkpoints are untouched.
         """
         arrays = {k: np.asarray(v) if np.isscalar(v) else v for k, v in _flatten(state).items()}
-        self._manager.save(
-            round_num,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(metadata)
-            ),
-        )
-        # Synchronous: a crash right after this call must not lose the checkpoint.
-        self._manager.wait_until_finished()
+        checksums = {k: _crc32(v) for k, v in arrays.items()}
+        if round_num in self.rounds():
+            raise CheckpointWriteError(
+                f"a checkpoint of round {round_num} already exists in {self.directory}."
+            )
+        try:
+            with _quiet_storage_threads():
+                saved = self._manager.save(
+                    round_num,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(arrays),
+                        meta=ocp.args.JsonSave({**metadata, "array_crc32": checksums}),
+                    ),
+                )
+                # Synchronous: a crash right after this call must not lose the checkpoint.
+                self._manager.wait_until_finished()
+            if not saved:
+                raise RuntimeError("the checkpoint manager declined to save this round")
+        except Exception as err:  # noqa: BLE001 - storage layers raise many types
+            for name in os.listdir(self.directory) if os.path.isdir(self.directory) else []:
+                if name.startswith(f"{round_num}{_TMP_SUFFIX}"):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            previous = [r for r in self.rounds() if r != round_num]
+            kept = (
+                f"The previous checkpoint (round {previous[-1]}) is intact"
+                if previous
+                else "There is no earlier checkpoint"
+            )
+            raise CheckpointWriteError(
+                f"could not save the checkpoint of round {round_num} in {self.directory}: "
+                f"{_cause(err)}. {kept}. Free disk space or make the folder writable, then "
+                "continue with --run.resume true."
+            ) from err
 
     def metadata(self, round_num: int) -> dict:
-        """Returns the JSON metadata (round, history, config) of a checkpoint, no arrays."""
-        return self._manager.restore(
-            round_num, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        ).meta
+        """Returns the JSON metadata (round, history, config) of a checkpoint, no arrays.
+
+        Raises:
+          CheckpointReadError: if it cannot be read.
+        """
+        try:
+            with _quiet_storage_threads():
+                meta = self._manager.restore(
+                    round_num, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                ).meta
+        except Exception as err:  # noqa: BLE001 - storage layers raise many types
+            raise CheckpointReadError(
+                f"checkpoint {self.path(round_num)} cannot be read: {_cause(err)}"
+            ) from err
+        if not isinstance(meta, dict):
+            raise CheckpointReadError(f"checkpoint {self.path(round_num)} has no metadata.")
+        meta = dict(meta)
+        meta.pop("array_crc32", None)
+        return meta
+
+    def _restore_arrays(self, round_num: int) -> dict[str, Any]:
+        path = self.path(round_num)
+        try:
+            with _quiet_storage_threads():
+                out = self._manager.restore(
+                    round_num,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                    ),
+                )
+            arrays = {k: np.asarray(v) for k, v in dict(out.state).items()}
+        except Exception as err:  # noqa: BLE001 - storage layers raise many types
+            raise CheckpointReadError(f"checkpoint {path} cannot be read: {_cause(err)}") from err
+        checksums = (out.meta or {}).get("array_crc32", {})
+        bad = sorted(k for k, v in arrays.items() if k in checksums and _crc32(v) != checksums[k])
+        if bad:
+            raise CheckpointReadError(
+                f"checkpoint {path} is corrupted: the stored values of {bad[:3]} differ from "
+                "those that were saved (CRC-32 mismatch)."
+            )
+        return arrays
 
     def restore(self, round_num: int, like: PyTree) -> tuple[PyTree, dict]:
         """Restores the state saved after ``round_num`` rounds into the structure of ``like``.
@@ -106,13 +250,11 @@ class Checkpointer:
         Raises:
           CheckpointMismatchError: if the saved arrays do not match ``like`` (a different
             model, trainable mode or algorithm); the message names the differing entries.
+          CheckpointReadError: if the checkpoint cannot be read or fails its checksums.
         """
         saved_meta = self.metadata(round_num)
         flat_like = _flatten(like)
-        restored = self._manager.restore(
-            round_num,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore()),
-        ).state
+        restored = self._restore_arrays(round_num)
         missing = sorted(set(flat_like) - set(restored))
         extra = sorted(set(restored) - set(flat_like))
         wrong = sorted(
@@ -127,18 +269,61 @@ class Checkpointer:
             )
         leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
         values = [
-            np.asarray(restored[jax.tree_util.keystr(path)]).astype(np.asarray(leaf).dtype)
+            restored[jax.tree_util.keystr(path)].astype(np.asarray(leaf).dtype)
             for path, leaf in leaves
         ]
         return jax.tree_util.tree_unflatten(treedef, values), saved_meta
 
     def restore_raw(self, round_num: int) -> tuple[dict[str, np.ndarray], dict]:
-        """Restores a checkpoint as a flat ``{key path: array}`` dict, without a template."""
-        out = self._manager.restore(
-            round_num,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-        )
-        return dict(out.state), out.meta
+        """Restores a checkpoint as a flat ``{key path: array}`` dict, without a template.
+
+        Raises:
+          CheckpointReadError: if the checkpoint cannot be read or fails its checksums.
+        """
+        return self._restore_arrays(round_num), self.metadata(round_num)
+
+    def newest_readable(
+        self, read: Callable[[int], T]
+    ) -> tuple[int, T, list[tuple[int, str]]] | None:
+        """Reads the newest checkpoint that can be read, falling back to older ones.
+
+        Args:
+          read: reads the checkpoint of a round (e.g. ``lambda r: self.restore(r, like)``);
+            a `CheckpointReadError` moves on to the next older checkpoint, any other error
+            (a config mismatch) is raised.
+
+        Returns:
+          ``(round, read(round), skipped)`` where ``skipped`` holds ``(round, reason)`` for
+          every newer checkpoint that could not be read; None if there is no committed
+          checkpoint.
+
+        Raises:
+          CheckpointReadError: if checkpoints exist but none can be read.
+        """
+        skipped: list[tuple[int, str]] = []
+        for round_num in reversed(self.rounds()):
+            try:
+                return round_num, read(round_num), skipped
+            except CheckpointReadError as err:
+                skipped.append((round_num, str(err)))
+        if skipped:
+            raise CheckpointReadError(
+                f"none of the checkpoints in {self.directory} can be read: "
+                f"{[reason for _, reason in skipped]}"
+            )
+        return None
+
+    def set_aside(self, round_num: int) -> str:
+        """Renames an unreadable checkpoint to ``<round>.unreadable[.N]`` so that a resumed run
+        can save that round again (nothing is deleted); returns the new path."""
+        target = self.path(round_num) + ".unreadable"
+        suffix = 0
+        while os.path.exists(target + (f".{suffix}" if suffix else "")):
+            suffix += 1
+        target += f".{suffix}" if suffix else ""
+        os.rename(self.path(round_num), target)
+        self._manager.reload()
+        return target
 
     def close(self) -> None:
         """Releases the manager's background resources."""

@@ -1,22 +1,33 @@
 """Typed experiment configuration, loaded from YAML with dotted command-line overrides.
 
-A config is a tree of dataclasses. `load_config` reads a YAML file and applies overrides such as
-``--client.lr 3e-4`` through `draccus` (the library levanter uses), then `ExperimentConfig.validate`
-checks values that types alone cannot express. Every mistake raises `ConfigError` naming the key,
-the bad value and the valid choices, before any work starts.
+A config is a tree of dataclasses. `load_config` reads a YAML file, applies overrides such as
+``--client.lr 3e-4``, checks the keys (an unknown one is named with its file line and the valid
+keys of its section) and decodes the values with `draccus` (the library levanter uses). Then
+`ExperimentConfig.validate` checks the type and range of every field in one loop, the ranges
+declared in `FIELD_RANGES` (custom sections: `declare_ranges`), and after it the settings that
+must agree. Every mistake raises `ConfigError` naming the key, the bad value and the valid
+values, before any work starts. `fedjax_llm.config_help.config_help` renders every key for
+``--help``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import io
 import math
+import numbers
+import os
+import types
+import typing
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import draccus
 import yaml
 
+from fedjax_llm.errors import UserError
 from fedjax_llm.models.llama import LlamaConfig
 
 TrainableMode = Literal["full", "lora", "soft_prompt", "prefix"]
@@ -34,8 +45,84 @@ SamplerName = Literal["uniform", "poisson", "availability"]
 EngineName = Literal["compiled", "sequential"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is unknown, missing or invalid; the message names the key and fix."""
+
+
+class _FieldError(ConfigError):
+    """A `ConfigError` about one key, so that `load_config` can add the key's file line."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:  # pickles (to another process) as its base
+        return ConfigError, (str(self),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric config field, checked by `ExperimentConfig.validate`.
+
+    Every numeric field of a config section has one in `FIELD_RANGES` (a custom section adds its
+    own with `declare_ranges`). Whatever the range, NaN and infinite values are rejected, and
+    null is accepted exactly where the field's type allows it (``int | None``).
+
+    Attributes:
+      low: smallest valid value; None: no lower bound.
+      high: largest valid value; None: no upper bound.
+      low_open: exclude ``low`` itself (``> low`` instead of ``>= low``).
+      high_open: exclude ``high`` itself.
+      note: what special values mean, shown with the error (e.g. ``0: never evaluates``).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or value < self.high or (not self.high_open and value == self.high)
+
+    def describe(self) -> str:
+        """Returns the range in words: ``positive``, ``>= 0``, ``in [0, 1)``, ..."""
+        low, high = _number_text(self.low), _number_text(self.high)
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{low}, {high}{right}"
+        if self.low == 0 and self.low_open:
+            return "positive"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {high}"
+        return "any finite number"
+
+
+def positive(note: str = "") -> Range:
+    """Returns the range ``> 0``."""
+    return Range(low=0, low_open=True, note=note)
+
+
+def at_least(low: float, note: str = "") -> Range:
+    """Returns the range ``>= low``."""
+    return Range(low=low, note=note)
+
+
+def between(
+    low: float, high: float, *, low_open: bool = False, high_open: bool = False, note: str = ""
+) -> Range:
+    """Returns the interval from ``low`` to ``high``, each end included unless marked open."""
+    return Range(low=low, high=high, low_open=low_open, high_open=high_open, note=note)
+
+
+def _number_text(value: float | None) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +198,10 @@ class DataConfig:
       seq_len: padded sequence length in tokens.
       partitioner: ``iid``, ``dirichlet``, ``pathological``, ``quantity_skew`` or ``natural``.
       dirichlet_alpha: concentration for ``dirichlet`` (smaller = more heterogeneous).
+      dirichlet_over: the ``dirichlet`` convention: ``labels`` draws each client's label mix
+        from Dir(alpha * label shares), equal client sizes (Hsu et al. 2019); ``clients``
+        spreads each label over the clients by Dir(alpha, ..., alpha), client sizes vary
+        (FedMA). The same alpha gives different heterogeneity in the two.
       classes_per_client: labels per client for ``pathological``.
       quantity_skew_sigma: lognormal sigma of client sizes for ``quantity_skew``.
       eval_examples_per_family: size of the global held-out set, per family (``builtin``).
@@ -136,6 +227,7 @@ class DataConfig:
     seq_len: int = 32
     partitioner: PartitionerName = "iid"
     dirichlet_alpha: float = 0.5
+    dirichlet_over: Literal["labels", "clients"] = "labels"
     classes_per_client: int = 2
     quantity_skew_sigma: float = 1.0
     eval_examples_per_family: int = 64
@@ -145,7 +237,7 @@ class DataConfig:
         """Returns the keyword arguments of the chosen partitioner."""
         return {
             "iid": {},
-            "dirichlet": {"alpha": self.dirichlet_alpha},
+            "dirichlet": {"alpha": self.dirichlet_alpha, "over": self.dirichlet_over},
             "pathological": {"classes_per_client": self.classes_per_client},
             "quantity_skew": {"sigma": self.quantity_skew_sigma},
             "natural": {},
@@ -291,6 +383,10 @@ class ScaffoldConfig(AlgorithmConfig):
 def register_algorithm_config(name: str, config_class: type | None = None) -> type:
     """Registers the config type of a custom algorithm (an empty one if none is given).
 
+    The numeric settings of ``config_class`` are checked for NaN and infinity; declare their
+    valid ranges with `declare_ranges`. Its docstring's ``Attributes:`` section describes them
+    in `fedjax_llm.config_help.config_help`.
+
     Args:
       name: the ``algorithm.type`` configs use.
       config_class: a frozen dataclass subclassing `AlgorithmConfig` with the algorithm's own
@@ -416,6 +512,291 @@ class EvalConfig:
     per_client: bool = True
 
 
+# The valid range of every numeric config field, checked in one loop by `ExperimentConfig.validate`
+# before anything is built. A new numeric field gets its entry here (tests/test_config.py fails for
+# one without); a field without bounds says so with ``Range()``. Ranges are checked whatever the
+# other settings (``data.dirichlet_alpha`` even with ``data.partitioner: iid``): the defaults are
+# valid, so only a mistyped value fails.
+FIELD_RANGES: dict[type, dict[str, Range]] = {
+    LlamaConfig: {
+        "vocab_size": positive(),
+        "hidden_size": positive(),
+        "intermediate_size": positive(),
+        "num_layers": positive(),
+        "num_heads": positive(),
+        "num_kv_heads": positive(),
+        "head_dim": positive("null: hidden_size // num_heads"),
+        "rope_theta": positive(),
+        "rope_factor": positive(),
+        "rope_low_freq_factor": positive(),
+        "rope_high_freq_factor": positive(),
+        "rope_original_max_position": positive(),
+        "rms_norm_eps": positive(),
+        "max_seq_len": positive(),
+        "initializer_range": positive(),
+        "scan_unroll": positive("null: shallow models fully unrolled, deeper ones rolled"),
+    },
+    TrainableConfig: {
+        "lora_rank": positive(),
+        "lora_alpha": positive(),
+        "num_virtual_tokens": positive(),
+    },
+    DataConfig: {
+        "eval_fraction": between(0, 1, low_open=True, high_open=True),
+        "max_examples": positive("null: every record"),
+        "num_clients": positive("null: every natural client, with data.partitioner=natural"),
+        "examples_per_client": at_least(2, "each client needs a train and a test example"),
+        "test_fraction": between(0, 1, low_open=True, high_open=True),
+        "seq_len": positive(),
+        "dirichlet_alpha": positive("smaller is more heterogeneous"),
+        "classes_per_client": positive(),
+        "quantity_skew_sigma": at_least(0, "0: equal client sizes"),
+        "eval_examples_per_family": positive(),
+        "seed": at_least(0),
+    },
+    ClientConfig: {
+        "lr": positive(),
+        "momentum": between(0, 1, high_open=True),
+        "weight_decay": at_least(0),
+        "warmup_steps": at_least(0, "in rounds"),
+        "local_steps": positive(),
+        "local_epochs": positive("null: every client takes client.local_steps steps"),
+        "batch_size": positive(),
+        "grad_clip_norm": positive("null: no clipping"),
+    },
+    ServerConfig: {
+        "lr": positive(),
+        "momentum": between(0, 1, high_open=True),
+        "b2": between(0, 1, high_open=True),
+        "eps": positive(),
+        "warmup_rounds": at_least(0),
+    },
+    FedProxConfig: {"mu": at_least(0, "0 is FedAvg")},
+    AggregationConfig: {"clip_norm": positive()},
+    SamplingConfig: {
+        "availability": between(0, 1, low_open=True),
+        "dropout": between(0, 1, high_open=True),
+        "overflow_probability": between(0, 1, low_open=True, high_open=True),
+        "max_cohort": positive("null: computed from sampling.overflow_probability"),
+    },
+    RunConfig: {
+        "num_rounds": positive(),
+        "num_clients_per_round": positive(),
+        "clients_per_chunk": positive("null: one chunk of all of a device's clients"),
+        "devices": at_least(0, "0: every local device"),
+        # jax.random.key keeps 32 bits of a seed: 2**32 would silently repeat seed 0.
+        "seed": between(0, 2**32 - 1, note="JAX PRNG keys hold 32-bit seeds"),
+        "checkpoint_every": at_least(0, "0: only at the end"),
+        "keep_checkpoints": positive(),
+        "log_every": positive(),
+        "stop_after": positive("null: run to run.num_rounds"),
+    },
+    EvalConfig: {
+        "every": at_least(0, "0: no evaluation"),
+        "max_new_tokens": at_least(0, "0 skips generation"),
+        "batch_size": positive(),
+    },
+}
+
+
+def declare_ranges(config_class: type, **ranges: Range) -> None:
+    """Declares the valid ranges of numeric fields of a custom config section.
+
+    For example, for a custom algorithm config registered with `register_algorithm_config`:
+    ``declare_ranges(MyAlgorithmConfig, beta=between(0, 1), steps=positive())``. The ranges
+    apply to subclasses too, and `ExperimentConfig.validate` checks them with the built-in ones.
+
+    Args:
+      config_class: a dataclass used as (part of) a config section.
+      **ranges: field name -> its `Range`.
+
+    Raises:
+      TypeError: if ``config_class`` is not a dataclass or a name is not one of its fields.
+    """
+    if not dataclasses.is_dataclass(config_class):
+        raise TypeError(f"{config_class} is not a dataclass.")
+    names = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(ranges) - names)
+    if unknown:
+        raise TypeError(
+            f"{config_class.__name__} has no fields {unknown}; fields: {sorted(names)}."
+        )
+    FIELD_RANGES.setdefault(config_class, {}).update(ranges)
+
+
+def field_range(config_class: type, name: str) -> Range | None:
+    """Returns the declared `Range` of a field (looked up along the class's bases), or None."""
+    for klass in config_class.__mro__:
+        if name in FIELD_RANGES.get(klass, {}):
+            return FIELD_RANGES[klass][name]
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldType:
+    """What a config field holds, read from its type annotation.
+
+    Attributes:
+      base: ``int``, ``float``, ``bool``, ``str``, ``tuple`` (a list of strings), ``Literal``
+        (one of ``choices``), a section's dataclass, or None for a type not described here.
+      optional: null is allowed.
+      choices: the values of a ``Literal``.
+    """
+
+    base: Any
+    optional: bool = False
+    choices: tuple[Any, ...] = ()
+
+    @property
+    def is_section(self) -> bool:
+        """Whether the field is a nested section (a dataclass)."""
+        return isinstance(self.base, type) and dataclasses.is_dataclass(self.base)
+
+    @property
+    def is_number(self) -> bool:
+        """Whether the field holds an int or a float."""
+        return self.base in (int, float)
+
+    def describe(self) -> str:
+        """Returns the type in words: ``int``, ``float or null``, ``a|b``, ``list of str``..."""
+        if self.base is Literal:
+            text = "|".join(str(c) for c in self.choices)
+        elif self.base is tuple:
+            text = "list of str"
+        elif isinstance(self.base, type):
+            text = self.base.__name__
+        else:
+            text = "any"
+        return f"{text} or null" if self.optional else text
+
+
+@functools.cache
+def _type_hints(config_class: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(config_class)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: check what can be checked
+        return {}
+
+
+def field_types(config_class: type) -> dict[str, FieldType]:
+    """Returns the user-settable fields of a config dataclass and their `FieldType`s, in order.
+
+    Fields whose name starts with ``_`` or that are not ``__init__`` arguments are internal and
+    left out.
+    """
+    hints = _type_hints(config_class)
+    return {
+        f.name: _field_type(hints.get(f.name))
+        for f in dataclasses.fields(config_class)
+        if f.init and not f.name.startswith("_")
+    }
+
+
+def _field_type(hint: Any) -> FieldType:
+    optional = False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        rest = [a for a in args if a is not type(None)]
+        optional = len(rest) < len(args)
+        if len(rest) != 1:
+            return FieldType(None, optional)
+        hint = rest[0]
+    if typing.get_origin(hint) is Literal:
+        return FieldType(Literal, optional, typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return FieldType(tuple, optional)
+    if hint in (int, float, bool, str) or (
+        isinstance(hint, type) and dataclasses.is_dataclass(hint)
+    ):
+        return FieldType(hint, optional)
+    return FieldType(None, optional)
+
+
+def _kind_text(field: FieldType) -> str:
+    """The expected kind of value, for messages: ``an integer``, ``a number``, ..."""
+    if field.base is Literal:
+        return "one of " + ", ".join(str(c) for c in field.choices)
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        tuple: "a list of strings, e.g. [a,b]",
+    }.get(field.base, "a value")
+
+
+def check_fields(config: Any, prefix: str = "") -> None:
+    """Checks the type and range of every field of a config tree, sections included.
+
+    Numbers must be finite and inside their `Range` (see `FIELD_RANGES`); null is accepted
+    only where the type allows it; a ``Literal`` field must hold one of its choices. Fields of
+    subclasses (an ``algorithm.type``'s own settings) are checked like any other.
+
+    Args:
+      config: a config dataclass instance (an `ExperimentConfig` or one of its sections).
+      prefix: the dotted key of ``config`` followed by a dot, for messages.
+
+    Raises:
+      ConfigError: for the first bad field, naming its key, value and valid range.
+    """
+    for name, field in field_types(type(config)).items():
+        key, value = prefix + name, getattr(config, name)
+        if field.is_section:
+            if not isinstance(value, field.base):
+                raise _FieldError(key, f"{key} must be a {field.base.__name__} section.")
+            check_fields(value, key + ".")
+            continue
+        valid = field_range(type(config), name) if field.is_number else None
+        _check_value(key, value, field, valid)
+
+
+def _wanted(field: FieldType, valid: Range | None) -> str:
+    """The valid values of a field in words: ``a positive integer, or null (null: ...)``."""
+    bounds = valid.describe() if valid is not None else "any finite number"
+    null = ", or null" if field.optional else ""
+    note = f" ({valid.note})" if valid is not None and valid.note else ""
+    if bounds == "positive" and field.is_number:
+        return f"a positive {'integer' if field.base is int else 'number'}{null}{note}"
+    bounds = "" if bounds == "any finite number" else f" {bounds}"
+    return f"{_kind_text(field)}{bounds}{null}{note}"
+
+
+def _check_value(key: str, value: Any, field: FieldType, valid: Range | None) -> None:
+    if field.base is None:
+        return
+    wanted = _wanted(field, valid)
+    bounds = valid.describe() if valid is not None else ""
+    null = ", or null" if field.optional else ""
+    note = f" ({valid.note})" if valid is not None and valid.note else ""
+    if value is None:
+        if field.optional:
+            return
+        raise _FieldError(key, f"{key}=null is not allowed; it must be {wanted}.")
+    if field.base is Literal:
+        if value not in field.choices:
+            choices = ", ".join(str(c) for c in field.choices)
+            raise _FieldError(key, f"{key}={value!r}; valid choices: {choices}{null}.")
+        return
+    ok = {
+        int: isinstance(value, numbers.Integral) and not isinstance(value, bool),
+        float: isinstance(value, numbers.Real) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+        tuple: isinstance(value, tuple | list) and all(isinstance(v, str) for v in value),
+    }.get(field.base, True)
+    if not ok:
+        quote = " (quote it in YAML)" if field.base is str else ""
+        raise _FieldError(
+            key, f"{key}={value!r} is a {type(value).__name__}; it must be {wanted}{quote}."
+        )
+    if not field.is_number:
+        return
+    if not math.isfinite(value):
+        raise _FieldError(key, f"{key}={value} is not a finite number; it must be {wanted}.")
+    if valid is not None and value not in valid:
+        raise _FieldError(key, f"{key}={value} must be {bounds}{null}{note}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment. Load with `load_config`; every field has a runnable default."""
@@ -435,30 +816,17 @@ class ExperimentConfig:
     def validate(self) -> ExperimentConfig:
         """Checks values that the types cannot express.
 
+        First the type and range of every field (`check_fields`, with the ranges of
+        `FIELD_RANGES`), then the settings that only make sense together.
+
         Returns:
           self, so that ``config = load_config(...).validate()`` reads naturally.
 
         Raises:
           ConfigError: naming the key, the value and how to fix it.
         """
-        _positive(
-            self,
-            "client.lr",
-            "client.local_steps",
-            "client.batch_size",
-            "server.lr",
-            "run.num_rounds",
-            "run.num_clients_per_round",
-            "data.examples_per_client",
-            "data.seq_len",
-            "eval.batch_size",
-            "run.keep_checkpoints",
-            "run.log_every",
-        )
-        if self.eval.every < 0:
-            raise ConfigError(f"eval.every={self.eval.every} must be >= 0 (0: no evaluation).")
+        check_fields(self)
         if self.trainable.mode == "lora":
-            _positive(self, "trainable.lora_rank", "trainable.lora_alpha")
             from fedjax_llm.models.lora import LORA_TARGETS
 
             bad = [t for t in self.trainable.lora_targets if t not in LORA_TARGETS]
@@ -467,27 +835,18 @@ class ExperimentConfig:
                     f"trainable.lora_targets={list(self.trainable.lora_targets)}: each must be "
                     f"one of {list(LORA_TARGETS)} (and at least one is needed)."
                 )
-        if self.trainable.mode in ("soft_prompt", "prefix"):
-            _positive(self, "trainable.num_virtual_tokens")
         d = self.data
-        if d.num_clients is None:
-            if not (d.source == "file" and d.partitioner == "natural"):
-                raise ConfigError(
-                    "data.num_clients=null (all natural clients) needs data.source=file and "
-                    "data.partitioner=natural; set a number of clients."
-                )
-        else:
-            _positive(self, "data.num_clients")
+        if d.num_clients is None and not (d.source == "file" and d.partitioner == "natural"):
+            raise ConfigError(
+                "data.num_clients=null (all natural clients) needs data.source=file and "
+                "data.partitioner=natural; set a number of clients."
+            )
         if d.source == "file":
             if not d.path:
                 raise ConfigError(
                     "data.source=file needs data.path (a JSON/JSONL/Parquet/CSV/text file, folder "
                     "or glob)."
                 )
-            if not 0.0 < d.eval_fraction < 1.0:
-                raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in (0, 1).")
-            if d.max_examples is not None:
-                _positive(self, "data.max_examples")
             if d.partitioner in ("dirichlet", "pathological") and d.label_column is None:
                 raise ConfigError(
                     f"data.partitioner={d.partitioner} splits by label: set data.label_column "
@@ -503,25 +862,7 @@ class ExperimentConfig:
                 f"data.num_clients={self.data.num_clients}: sample at most as many clients as "
                 "exist, or raise data.num_clients."
             )
-        if self.run.devices < 0:
-            raise ConfigError(f"run.devices={self.run.devices} must be >= 0 (0: all devices).")
-        chunk = self.run.clients_per_chunk
-        if chunk is not None and chunk <= 0:
-            raise ConfigError(
-                f"run.clients_per_chunk={chunk} must be positive (or null for one chunk of all "
-                "of a device's clients)."
-            )
         self._validate_sampling_and_aggregation()
-        if self.run.stop_after is not None and self.run.stop_after <= 0:
-            raise ConfigError(f"run.stop_after={self.run.stop_after} must be positive or null.")
-        if self.client.local_epochs is not None and self.client.local_epochs <= 0:
-            raise ConfigError(f"client.local_epochs={self.client.local_epochs} must be > 0.")
-        if not 0.0 < self.data.test_fraction < 1.0:
-            raise ConfigError(f"data.test_fraction={self.data.test_fraction} must be in (0, 1).")
-        if self.run.checkpoint_every < 0:
-            raise ConfigError(f"run.checkpoint_every={self.run.checkpoint_every} must be >= 0.")
-        if isinstance(self.algorithm, FedProxConfig) and self.algorithm.mu < 0:
-            raise ConfigError(f"algorithm.mu={self.algorithm.mu} must be >= 0.")
         client = self.client
         if isinstance(self.algorithm, ScaffoldConfig) and (
             client.optimizer != "sgd" or client.grad_clip_norm is not None or client.weight_decay
@@ -534,8 +875,6 @@ class ExperimentConfig:
                 "client.optimizer=sgd (without grad_clip_norm or weight_decay), or use fedavg or "
                 "fedprox with that optimizer."
             )
-        if self.data.partitioner == "dirichlet" and self.data.dirichlet_alpha <= 0:
-            raise ConfigError(f"data.dirichlet_alpha={self.data.dirichlet_alpha} must be > 0.")
         if self.pretrained.path is None and self.model.max_seq_len < self.data.seq_len:
             raise ConfigError(
                 f"model.max_seq_len={self.model.max_seq_len} is shorter than "
@@ -563,14 +902,6 @@ class ExperimentConfig:
 
     def _validate_sampling_and_aggregation(self) -> None:
         sampling, aggregation = self.sampling, self.aggregation
-        if not 0.0 <= sampling.dropout < 1.0:
-            raise ConfigError(f"sampling.dropout={sampling.dropout} must be in [0, 1).")
-        if not 0.0 < sampling.availability <= 1.0:
-            raise ConfigError(f"sampling.availability={sampling.availability} must be in (0, 1].")
-        if not 0.0 < sampling.overflow_probability < 1.0:
-            raise ConfigError(
-                f"sampling.overflow_probability={sampling.overflow_probability} must be in (0, 1)."
-            )
         if sampling.max_cohort is not None:
             if sampling.kind != "poisson":
                 raise ConfigError(
@@ -597,15 +928,6 @@ class ExperimentConfig:
                 f"aggregation.transforms: unknown {bad}; valid choices: {sorted(TRANSFORMS)} "
                 "(custom: fedjax_llm.register_transform)."
             )
-        if "clip" in aggregation.transforms and not aggregation.clip_norm > 0:
-            raise ConfigError(f"aggregation.clip_norm={aggregation.clip_norm} must be > 0.")
-
-
-def _positive(config: ExperimentConfig, *keys: str) -> None:
-    for key in keys:
-        value = get_field(config, key)
-        if value is None or not value > 0 or (isinstance(value, float) and math.isnan(value)):
-            raise ConfigError(f"{key}={value} must be positive.")
 
 
 def get_field(config: Any, dotted_key: str) -> Any:
@@ -616,40 +938,297 @@ def get_field(config: Any, dotted_key: str) -> Any:
     return value
 
 
-def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+) -> ExperimentConfig:
     """Loads a YAML config with dotted overrides and validates it.
+
+    The file holds sections of keys, e.g. ``client: {lr: 0.1}``; every key left out keeps its
+    default, so an empty (or comment-only) file, or a section left empty (``client:``), means
+    the defaults. The overrides replace values of the file. Before anything is built, the keys
+    are checked against the config (an unknown key is named with its file line and the valid
+    keys of its section), draccus decodes the values, and `ExperimentConfig.validate` checks
+    every value's range and the settings that must agree.
 
     Args:
       path: YAML file; None starts from the defaults.
-      overrides: command-line style overrides, e.g. ``["--client.lr", "3e-4"]``.
+      overrides: command-line style overrides, ``["--client.lr", "3e-4"]`` or
+        ``["--client.lr=3e-4"]``: one YAML value per key (a list is written ``[q,v]``, none
+        ``null``).
 
     Returns:
       The validated `ExperimentConfig`.
 
     Raises:
-      ConfigError: unknown key, bad value or inconsistent settings, named in the message.
+      ConfigError: a file that is a directory, not UTF-8, not valid YAML (with its line and
+        column) or not a mapping of sections; an unknown key, a bad value or inconsistent
+        settings, named in the message (with the file line where the key is in the file).
       FileNotFoundError: if ``path`` does not exist.
     """
-    args = list(overrides)
-    if path is not None:
-        with open(path) as f:  # fail here, with the path, rather than inside the parser
-            f.read(0)
-        args = ["--config_path", path, *args]
+    tree: dict[Any, Any] = {}
+    sources = _Sources(None if path is None else os.fspath(path))
+    if sources.path is not None:
+        tree = _read_yaml(sources)
+    for key, value, text in _parse_overrides(overrides):
+        _set_dotted(tree, key.split("."), value)
+        sources.overrides[key] = text
+    _check_tree(tree, ExperimentConfig, "", sources)
     try:
-        config = draccus.parse(ExperimentConfig, args=args, exit_on_error=False)
+        config = draccus.decode(ExperimentConfig, tree)
     except draccus.utils.DecodingError as e:
+        key = ".".join(e.key_path)
+        raise ConfigError(f"{sources.where(key)}{key}: {e.message}") from None
+    except Exception as e:  # noqa: BLE001 - draccus raises assorted types for bad input
+        raise ConfigError(f"{sources.where('')}invalid configuration: {e}") from None
+    try:
+        return config.validate()
+    except _FieldError as e:
+        where = sources.where(e.key)
+        raise ConfigError(f"{where}{e}" if where != "command line: " else str(e)) from None
+
+
+class _Sources:
+    """Where each key of a config tree was set: a file line or the command line."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.lines: dict[str, str] = {}  # dotted key -> "file:line:column"
+        self.texts: dict[str, str] = {}  # dotted key -> its scalar value as written in the file
+        self.overrides: dict[str, str] = {}  # dotted key -> the override's text
+
+    def where(self, key: str) -> str:
+        """Returns ``"file:line:column: "``, ``"command line: "`` or the file's name for a key."""
+        parts = key.split(".") if key else []
+        for n in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:n])
+            if prefix in self.overrides:
+                return "command line: "
+            if prefix in self.lines:
+                return f"{self.lines[prefix]}: "
+        return f"{self.path}: " if self.path is not None else ""
+
+
+def _yaml_loader() -> type:
+    # The loader draccus itself reads config files with (YAML plus its ``!include`` tag).
+    try:
+        from draccus.parsers.yaml_loader import FullLoaderWithInclusion
+    except ImportError:  # a draccus without it: plain safe YAML
+        return yaml.SafeLoader
+    return FullLoaderWithInclusion
+
+
+def _read_yaml(sources: _Sources) -> dict[Any, Any]:
+    """Reads a YAML config file into a dict and records each key's line in ``sources``."""
+    path = sources.path
+    if os.path.isdir(path):
+        raise ConfigError(
+            f"{path} is a directory; pass a YAML config file, e.g. configs/default.yaml."
+        )
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - raw.rfind(b"\n", 0, e.start)
+        raise ConfigError(
+            f"{path}:{line}:{column}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the "
+            "file as UTF-8."
+        ) from None
+    loader = _yaml_loader()
+    try:
+        data = yaml.load(_named_stream(text, path), loader)
+        root = yaml.compose(_named_stream(text, path), loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        context = ""
+        if e.context and e.context_mark and e.problem_mark:
+            context = f" ({e.context}, line {e.context_mark.line + 1})"
+        raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}{context}.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    except OSError as e:  # an !include of a missing file
         raise ConfigError(f"{path}: {e}") from None
-    except SystemExit as e:  # argparse reports bad command-line values by exiting
-        raise ConfigError(f"invalid command-line override in {args}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - argparse/draccus raise assorted types for bad input
-        if "'type' key" in str(e) and "AlgorithmConfig" in str(e):
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level of a config must be a mapping of sections, e.g. "
+            f"'run: {{num_rounds: 10}}'; found a {type(data).__name__}."
+        )
+    _record_lines(root, "", path, sources)
+    return data
+
+
+def _named_stream(text: str, path: str) -> io.StringIO:
+    stream = io.StringIO(text)
+    stream.name = path  # the loader resolves !include relative to it and names it in errors
+    return stream
+
+
+def _record_lines(node: Any, prefix: str, path: str, sources: _Sources) -> None:
+    """Records the line (and scalar text) of every key of a composed YAML mapping; rejects a key
+    set twice."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+            continue
+        mark = key_node.start_mark
+        key = prefix + key_node.value
+        if key_node.value in seen:
             raise ConfigError(
-                "algorithm settings need the algorithm's type: set algorithm.type (one of "
-                f"{sorted(AlgorithmConfig._choice_registry)}) with them, e.g. "
-                "--algorithm.type fedprox --algorithm.mu 0.1."
-            ) from None
-        raise ConfigError(f"invalid configuration: {e}") from None
-    return config.validate()
+                f"{path}:{mark.line + 1}:{mark.column + 1}: {key} is set twice (also on line "
+                f"{seen[key_node.value]}); keep one."
+            )
+        seen[key_node.value] = mark.line + 1
+        sources.lines[key] = f"{path}:{mark.line + 1}:{mark.column + 1}"
+        if isinstance(value_node, yaml.ScalarNode):
+            sources.texts[key] = value_node.value
+        _record_lines(value_node, key + ".", path, sources)
+
+
+def _parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any, str]]:
+    """Splits ``--key value`` / ``--key=value`` overrides into (key, YAML value, text)."""
+    tokens, pairs, i = list(overrides), [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or len(token) == 2:
+            after = f" after {' '.join(tokens[max(i - 2, 0) : i])}" if i else ""
+            raise ConfigError(
+                f"command line: unexpected {token!r}{after}; overrides are --section.key VALUE "
+                "pairs with one value each (write a list as [a,b])."
+            )
+        key, has_value, text = token[2:].partition("=")
+        if not has_value:
+            if i + 1 == len(tokens) or tokens[i + 1].startswith("--"):
+                raise ConfigError(
+                    f"command line: --{key} needs a value, e.g. --{key} VALUE (null for none)."
+                )
+            text = tokens[i + 1]
+        i += 1 if has_value else 2
+        try:
+            value = yaml.safe_load(text) if text else text
+        except yaml.YAMLError:  # not YAML (e.g. "a: b: c"): the plain text
+            value = text
+        pairs.append((key, value, text))
+    return pairs
+
+
+def _set_dotted(tree: dict[Any, Any], parts: list[str], value: Any) -> None:
+    """Sets ``tree[a][b]... = value``, merging a mapping value into what is there."""
+    for part in parts[:-1]:
+        if not isinstance(tree.get(part), dict):
+            tree[part] = {}
+        tree = tree[part]
+    if isinstance(value, dict) and isinstance(tree.get(parts[-1]), dict):
+        for key, item in value.items():
+            _set_dotted(tree[parts[-1]], [key], item)
+    else:
+        tree[parts[-1]] = value
+
+
+def _check_tree(tree: dict[Any, Any], config_class: type, prefix: str, sources: _Sources) -> None:
+    """Checks the keys of a raw config tree, and the values that decoding would hide.
+
+    Unknown keys (with the valid keys of their section), sections that are not mappings,
+    ``algorithm.type``, choices of ``Literal`` fields, true/false for numbers, a string for a
+    list, and null for a required value fail here, with the file line of the key. An empty
+    section means its defaults; a number given for a text field (``output_dir: 2024``) is
+    that text.
+    """
+    fields = field_types(config_class)
+    section = prefix[:-1] or "the top level"
+    for key in list(tree):
+        dotted = f"{prefix}{key}"
+        if key == "type" and issubclass(config_class, draccus.ChoiceRegistry):
+            continue
+        if key not in fields:
+            valid = list(fields)
+            if issubclass(config_class, draccus.ChoiceRegistry):
+                valid = ["type", *valid]
+                section += f" (type {config_class.get_choice_name(config_class)})"
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            did_you_mean = f" Did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(
+                f"{sources.where(dotted)}unknown key {dotted}.{did_you_mean} Valid keys of "
+                f"{section}: {', '.join(valid)}."
+            )
+        field, value = fields[key], tree[key]
+        if field.is_section:
+            if value is None:
+                tree[key] = value = {}
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{sources.where(dotted)}{dotted} is a section: give its keys, e.g. "
+                    f"'{dotted}: {{key: value}}' or --{dotted}.key value; found {value!r}."
+                )
+            _check_section(tree, key, field.base, dotted, sources)
+        else:
+            valid = field_range(config_class, key) if field.is_number else None
+            tree[key] = _check_raw_value(dotted, value, field, valid, sources)
+
+
+def _check_section(
+    tree: dict[Any, Any], key: str, section_class: type, dotted: str, sources: _Sources
+) -> None:
+    value = tree[key]
+    if not issubclass(section_class, draccus.ChoiceRegistry):
+        _check_tree(value, section_class, dotted + ".", sources)
+        return
+    # A choice section (algorithm): its keys are those of the class its ``type`` names.
+    choices = section_class.get_known_choices()
+    if "type" not in value:
+        if value:
+            raise ConfigError(
+                f"{sources.where(dotted)}{dotted} settings need the algorithm's type: set "
+                f"{dotted}.type (one of {list(choices)}) with them, e.g. "
+                f"--{dotted}.type fedprox --{dotted}.mu 0.1."
+            )
+        del tree[key]  # an empty section: the default
+        return
+    if not isinstance(value["type"], str) or value["type"] not in choices:
+        raise ConfigError(
+            f"{sources.where(dotted + '.type')}{dotted}.type={value['type']!r}; valid choices: "
+            f"{', '.join(choices)} (custom: fedjax_llm.register_algorithm)."
+        )
+    _check_tree(value, choices[value["type"]], dotted + ".", sources)
+
+
+def _check_raw_value(
+    key: str, value: Any, field: FieldType, valid: Range | None, sources: _Sources
+) -> Any:
+    """Returns a raw (YAML) value to decode, or raises for one decoding would silently change."""
+    if field.base is None:
+        return value
+    where = sources.where(key)
+    if value is None:
+        if not field.optional:
+            raise ConfigError(
+                f"{where}{key}=null is not allowed; it must be {_wanted(field, valid)}."
+            )
+        return value
+    if field.base is Literal and value not in field.choices:
+        choices = ", ".join(str(c) for c in field.choices)
+        null = ", or null" if field.optional else ""
+        raise ConfigError(f"{where}{key}={value!r}; valid choices: {choices}{null}.")
+    if field.is_number and isinstance(value, bool):
+        raise ConfigError(f"{where}{key}={str(value).lower()}; it must be {_wanted(field, valid)}.")
+    if field.base is tuple and not isinstance(value, list | tuple):
+        raise ConfigError(f"{where}{key}={value!r} must be a list, e.g. [{value}].")
+    if field.base is str and not isinstance(value, str):
+        if isinstance(value, bool | list | dict):
+            raise ConfigError(
+                f"{where}{key}={value!r} is a {type(value).__name__}; it must be a string "
+                "(quote it in YAML)."
+            )
+        # output_dir: 2024 (or 2024-01-31, a date to YAML) means the folder of that name: the
+        # text as written, not the number.
+        written = sources.overrides if where == "command line: " else sources.texts
+        return written.get(key, str(value))
+    return value
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:

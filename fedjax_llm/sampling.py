@@ -16,8 +16,10 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from fedjax_llm.errors import UserError
 
-class CohortOverflowError(RuntimeError):
+
+class CohortOverflowError(UserError, RuntimeError):
     """A Poisson draw selected more clients than the static bound the round was compiled for."""
 
 

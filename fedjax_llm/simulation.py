@@ -11,6 +11,9 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -39,16 +42,18 @@ from fedjax_llm.data import (
     load_tokenizer,
     save_partition_report,
 )
+from fedjax_llm.errors import DeviceMemoryError, RunInterrupted, UserError
 from fedjax_llm.evaluation import (
     evaluate_arrays,
     evaluate_examples,
     make_arrays_eval_step,
     make_eval_step,
+    per_client_results,
     summarize_arrays,
     summarize_clients,
     summarize_global,
 )
-from fedjax_llm.metrics import MetricsWriter, RoundProgress, summary_table
+from fedjax_llm.metrics import MetricsWriter, RoundProgress, read_jsonl, summary_table
 from fedjax_llm.models.hf_loader import ModelLoadError, load_pretrained
 from fedjax_llm.models.llama import LlamaConfig, count_params, init_params
 from fedjax_llm.models.trainable import Trainable, make_trainable
@@ -85,12 +90,151 @@ from fedjax_llm.sampling import (
 from kernels.pytree import PyTree
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(UserError, RuntimeError):
     """Training produced a NaN or infinite loss; the message names the round and checkpoint."""
 
 
-class RunDirectoryError(RuntimeError):
-    """The run directory holds an earlier run that this run would overwrite."""
+class RunDirectoryError(UserError, RuntimeError):
+    """The run directory cannot hold this run: it holds an earlier run that this run would
+    overwrite, or it cannot be created or written."""
+
+
+LAYOUT_FIELDS = ("run.clients_per_chunk", "run.devices", "run.engine")
+"""Settings of the round's layout: same results up to float rounding, fixed for a resumed run."""
+
+
+def _divergence(round_num: int, what: str, last_good: str | None) -> DivergenceError:
+    return DivergenceError(
+        f"round {round_num}: {what}; nothing of this round was saved. The last good checkpoint "
+        f"is {last_good or 'none (no checkpoint yet)'}. Lower client.lr or server.lr, or set "
+        "client.grad_clip_norm."
+    )
+
+
+def _committed_rounds(ckpt_dir: str) -> list[int]:
+    """Rounds of the committed checkpoints in a folder (a save in progress has a suffix)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(name) for name in os.listdir(ckpt_dir) if name.isdigit())
+
+
+def _probe_writable(directory: str) -> None:
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise RunDirectoryError(
+            f"cannot write in {directory}: {err.strerror or err}. Choose a writable "
+            "--run.output_dir (or fix the folder's permissions)."
+        ) from None
+
+
+def check_run_directory(config: ExperimentConfig) -> None:
+    """Checks, before any slow work, that ``run.output_dir`` can hold this run.
+
+    Nothing is created. A directory that holds a run (metrics or checkpoints) is only used with
+    ``run.resume``; one whose run stopped before its first checkpoint is restarted from round 0
+    with ``run.resume``.
+
+    Raises:
+      RunDirectoryError: if the directory (or a parent) is a file, cannot be written, or holds
+        a run and ``run.resume`` is false; the message says what to do.
+    """
+    run_dir = config.run.output_dir
+    existing = os.path.abspath(run_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise RunDirectoryError(
+            f"run.output_dir={run_dir!r} cannot be a folder: {existing} is a file. Choose "
+            "another --run.output_dir."
+        )
+    _probe_writable(existing)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if os.path.exists(ckpt_dir):
+        if not os.path.isdir(ckpt_dir):
+            raise RunDirectoryError(f"{ckpt_dir} is a file; the run needs a folder there.")
+        if config.run.save_checkpoints:
+            _probe_writable(ckpt_dir)
+    rounds = _committed_rounds(ckpt_dir)
+    holds_run = bool(rounds) or os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
+    if holds_run and not config.run.resume:
+        if rounds:
+            raise RunDirectoryError(
+                f"{run_dir} already holds a run (newest checkpoint: round {rounds[-1]}); pass "
+                "--run.resume true to continue it, or choose another --run.output_dir (nothing "
+                "was overwritten)."
+            )
+        raise RunDirectoryError(
+            f"{run_dir} holds a run that stopped before its first checkpoint; pass --run.resume "
+            "true to restart it from round 0 (its metrics.jsonl is replaced), or choose another "
+            "--run.output_dir (nothing was overwritten)."
+        )
+
+
+def resume_differences(saved: dict, config: ExperimentConfig) -> list[str]:
+    """Fields whose change would make a resumed run differ from an uninterrupted one.
+
+    Args:
+      saved: the config stored in the checkpoint (as a dict).
+      config: the current config.
+
+    Returns:
+      ``["client.lr: 0.1 -> 0.2", ...]``: every changed field outside `RESUMABLE_FIELDS`, and
+      ``run.num_rounds`` when a learning-rate schedule spans it.
+    """
+    current = config_to_dict(config)
+    diffs = config_differences(saved, current)
+    saved_rounds = saved.get("run", {}).get("num_rounds")
+    scheduled = [
+        name
+        for name, section in (("client", config.client), ("server", config.server))
+        if section.schedule != "constant"
+    ]
+    if saved_rounds != config.run.num_rounds and scheduled:
+        diffs.append(
+            f"run.num_rounds: {saved_rounds!r} -> {config.run.num_rounds!r} (the "
+            f"{' and '.join(scheduled)} learning-rate schedule spans run.num_rounds)"
+        )
+    return diffs
+
+
+def _as_device_memory_error(err: Exception, what: str) -> Exception:
+    """A named error for an accelerator out-of-memory failure; ``err`` itself otherwise."""
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text:
+        return DeviceMemoryError(
+            f"{what} needs more device memory than there is ({_first_line(text)}). Lower "
+            "run.clients_per_chunk (clients vmapped at once), client.batch_size or "
+            "eval.batch_size, or train a smaller part of the model (trainable.mode=lora)."
+        )
+    return err
+
+
+CLIENT_RESULTS = "eval_clients.jsonl"
+"""Per-client evaluation results in a run directory: one line per client and evaluation."""
+
+
+def _client_results_writer(run_dir: str, start_round: int) -> MetricsWriter:
+    """The writer of `CLIENT_RESULTS`, keeping only the evaluations of the restored state."""
+    path = os.path.join(run_dir, CLIENT_RESULTS)
+    kept = []
+    if start_round and os.path.exists(path):
+        kept = [
+            r
+            for r in read_jsonl(path, allow_partial_last_line=True)
+            if r.get("round", 0) <= start_round
+        ]
+    return MetricsWriter(path, kept)
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line[:limit]
 
 
 def tree_bytes(tree: PyTree) -> int:
@@ -140,17 +284,24 @@ class Simulation:
         init_params: PyTree | None = None,
         hyperparam_schedule: Callable[[int], dict[str, float]] | None = None,
     ):
+        self._started = time.perf_counter()
         self.config = config.validate()
         self.verbose = verbose
         self.run_dir = config.run.output_dir
         init_key, trainable_key, self.train_key = run_keys(config)
         self.mesh = client_mesh(config)
+        # Where the wall time goes before the first round (recorded in metrics.jsonl).
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
         self.model_config, base, self.tokenizer, self.trainable = build_model(
             config, init_key, need_tokenizer=data is None
         )
+        self.timings["load_time_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         self.data: TaskData | ClientArrays = (
             data if data is not None else build_data(config.data, self.tokenizer)
         )
+        self.timings["data_time_s"] = time.perf_counter() - t0
         train = self.data if isinstance(self.data, ClientArrays) else self.data.train
         self.num_clients = train.num_clients
         pad_id = self.tokenizer.pad_id if self.tokenizer is not None else 0
@@ -252,6 +403,10 @@ class Simulation:
         self.start_round = 0
         self.compile_time_s: float | None = None
         self.checkpointer: Checkpointer | None = None
+        # Lines for the header: what resuming found, warnings about the run directory.
+        self.notes: list[str] = []
+        # Every client's held-out results of the newest evaluation (``eval.per_client``).
+        self.client_results: list[dict] = []
 
     @property
     def params(self) -> PyTree:
@@ -316,25 +471,39 @@ class Simulation:
 
     def _prepare_run_dir(self) -> None:
         run = self.config.run
-        os.makedirs(self.run_dir, exist_ok=True)
+        check_run_directory(self.config)
         ckpt_dir = os.path.join(self.run_dir, "checkpoints")
-        existing = os.path.exists(os.path.join(self.run_dir, "metrics.jsonl")) or (
-            os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)
-        )
-        if existing and not run.resume:
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+        except OSError as err:
             raise RunDirectoryError(
-                f"{self.run_dir} already holds a run; pass --run.resume true to continue it, "
-                "or choose another --run.output_dir (nothing was overwritten)."
-            )
+                f"cannot create the run directory {self.run_dir}: {err.strerror or err}. "
+                "Choose a writable --run.output_dir."
+            ) from None
         self.checkpointer = Checkpointer(ckpt_dir, keep=run.keep_checkpoints)
-        latest = self.checkpointer.latest_round() if run.resume else None
-        if latest is not None:
-            self._restore(latest)
-        elif run.resume and existing:
-            raise RunDirectoryError(
-                f"{self.run_dir} has no checkpoint to resume from; remove the directory or "
-                "choose another --run.output_dir."
+        found = self.checkpointer.newest_readable(self._read_checkpoint) if run.resume else None
+        if found is not None:
+            round_num, (state, meta), skipped = found
+            for bad, reason in skipped:
+                moved = self.checkpointer.set_aside(bad)
+                self.notes.append(
+                    f"warning: {reason}; using an older checkpoint (the unreadable one is kept "
+                    f"as {moved})."
+                )
+            self._apply_checkpoint(round_num, state, meta)
+            self.notes.append(f"resumed from {self.checkpointer.path(round_num)}")
+        elif run.resume:
+            self.notes.append(
+                f"{self.run_dir} holds no committed checkpoint: starting from round 0."
             )
+        if run.save_checkpoints:
+            need, free = tree_bytes(self._state()), shutil.disk_usage(ckpt_dir).free
+            if need > free:
+                self.notes.append(
+                    f"warning: a checkpoint of this run holds {need / 2**20:,.1f} MiB of arrays "
+                    f"(before compression) and the disk of {ckpt_dir} has {free / 2**20:,.1f} "
+                    "MiB free; saving may fail."
+                )
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
             f.write(dump_config(self.config))
         if run.partition_report:
@@ -343,25 +512,36 @@ class Simulation:
             if isinstance(self.data, TaskData):
                 save_partition_report(self.data, os.path.join(self.run_dir, "partition.png"))
 
-    def _restore(self, round_num: int) -> None:
+    def _read_checkpoint(self, round_num: int) -> tuple[PyTree, dict]:
         assert self.checkpointer is not None
-        # Compare configs first: a different model, mode or algorithm is named by its fields,
-        # not reported as mismatching arrays.
+        # Compare configs before any array is read: a different model, mode or algorithm is
+        # named by its fields, not reported as mismatching arrays.
         meta = self.checkpointer.metadata(round_num)
-        diffs = config_differences(meta["config"], config_to_dict(self.config))
+        diffs = resume_differences(meta.get("config", {}), self.config)
         if diffs:
+            layout = [d for d in diffs if d.startswith(LAYOUT_FIELDS)]
             raise ConfigError(
                 f"checkpoint {self.checkpointer.path(round_num)} was made with a different "
-                f"config; differing fields: {diffs}. Resume with the original config (only "
-                "run.num_rounds and logging/checkpoint settings may change)."
+                f"config; differing fields: {diffs}. Resume with the original values (only "
+                "run.num_rounds under a constant schedule, run.stop_after and the logging and "
+                "checkpoint settings may change)"
+                + (
+                    f". {', '.join(LAYOUT_FIELDS)} change the float rounding of the round's "
+                    "sums, so a run resumed with other values would not equal an uninterrupted "
+                    "one."
+                    if layout
+                    else "."
+                )
             )
         try:
-            state, meta = self.checkpointer.restore(round_num, self._state())
+            return self.checkpointer.restore(round_num, self._state())
         except CheckpointMismatchError as err:
             raise ConfigError(
                 f"{err} The config matches, so the code that built this run's state differs "
                 "(a custom algorithm, pipeline or init passed from Python?)."
             ) from None
+
+    def _apply_checkpoint(self, round_num: int, state: PyTree, meta: dict) -> None:
         self.state = RoundState(
             server=jax.tree.map(jnp.asarray, state["server_state"]),
             pipeline=jax.tree.map(jnp.asarray, state["pipeline_state"]),
@@ -391,6 +571,9 @@ class Simulation:
                 self.eval_step, frozen, params, test.examples, self.tokenizer, bs
             )
             out.update(summarize_clients(per_client, test))
+            self.client_results = per_client_results(
+                per_client, test, self.data.stats.get("client_names")
+            )
         return out
 
     # ----------------------------------------------------------------------------- loop
@@ -454,7 +637,13 @@ class Simulation:
                     f"({c.aggregation.aggregator}) and the objective fit trainable.mode="
                     f"{c.trainable.mode} and the data's fields {sorted(self.client_data.examples)}."
                 ) from err
-            self._compiled = lowered.compile()
+            try:
+                self._compiled = lowered.compile()
+            except Exception as err:  # noqa: BLE001 - XLA reports OOM as a runtime error
+                converted = _as_device_memory_error(err, "compiling the round")
+                if converted is err:
+                    raise
+                raise converted from err
         self.compile_time_s = time.perf_counter() - t0
         return self.compile_time_s
 
@@ -464,15 +653,21 @@ class Simulation:
         if self._compiled is None:
             self.compile()
         cohort, round_key, hparams = self._round_args(round_num)
-        self.state, out = self._compiled(
-            self.frozen,
-            self.state,
-            self.client_data,
-            jax.tree.map(jnp.asarray, cohort),
-            round_key,
-            hparams,
-        )
-        return jax.device_get(out), cohort
+        try:
+            self.state, out = self._compiled(
+                self.frozen,
+                self.state,
+                self.client_data,
+                jax.tree.map(jnp.asarray, cohort),
+                round_key,
+                hparams,
+            )
+            return jax.device_get(out), cohort
+        except Exception as err:  # noqa: BLE001 - XLA reports OOM as a runtime error
+            converted = _as_device_memory_error(err, f"round {round_num + 1}")
+            if converted is err:
+                raise
+            raise converted from err
 
     def _communication(self) -> tuple[int, int]:
         """Bytes one client downloads (the broadcast) and uploads (its `ClientOutput`)."""
@@ -487,34 +682,46 @@ class Simulation:
         """Runs the remaining rounds; returns the metric history (one dict per record).
 
         Raises:
-          DivergenceError: on a NaN or infinite training loss.
-          RunDirectoryError: if the run directory would overwrite an earlier run.
+          DivergenceError: on a non-finite training or evaluation loss or global parameters;
+            nothing of that round is saved.
+          RunDirectoryError: if the run directory cannot be written or would overwrite an
+            earlier run.
           ConfigError: if resuming from a checkpoint made with an incompatible config.
+          CheckpointWriteError: if a checkpoint cannot be written; earlier ones are intact.
+          CheckpointReadError: if a run is resumed and none of its checkpoints can be read.
           CohortOverflowError: if a Poisson draw exceeds the compiled cohort bound.
+          DeviceMemoryError: if the round or the evaluation does not fit the device.
+          RunInterrupted: on Ctrl-C or SIGTERM; the message names the checkpoint to resume.
         """
         config, run = self.config, self.config.run
         self._prepare_run_dir()
         assert self.checkpointer is not None
         writer = MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"), self.history)
+        client_writer = _client_results_writer(self.run_dir, self.start_round)
+        self._first_new_record = len(self.history)
         progress = RoundProgress(run.num_rounds, self.start_round, enabled=self.verbose)
         evaluates = config.eval.every > 0
+        last_good = self.checkpointer.path(self.start_round) if self.start_round else None
+        completed = self.start_round
         try:
             self._print_header(progress)
             if self.start_round == 0:
-                record = {"round": 0, **(self.evaluate() if evaluates else {})}
+                record = {"round": 0, **self.timings}
+                if evaluates:
+                    record.update(self._checked_evaluate(0, last_good, client_writer))
+                    progress.log_eval(0, {k: v for k, v in record.items() if "/" in k})
                 self.history.append(record)
                 writer.write(record)
             compile_s = self.compile()
             down_bytes, up_bytes = self._communication()
+            state_bytes = tree_bytes(self._state())
             progress.log(f"compiled the round in {compile_s:.2f} s")
-            last_good = None
             end = min(run.num_rounds, run.stop_after or run.num_rounds)
             with progress:
                 for r in range(self.start_round, end):
                     t0 = time.perf_counter()
                     out, cohort = self.run_round(r)
                     wall = time.perf_counter() - t0
-                    completed = r + 1
                     record = self._round_record(r, out, cohort, wall, down_bytes, up_bytes)
                     if r == self.start_round:
                         record["compile_time_s"] = compile_s
@@ -526,28 +733,58 @@ class Simulation:
                             if not math.isfinite(record["train_loss"])
                             else "the global parameters are not finite (NaN or inf)"
                         )
-                        raise DivergenceError(
-                            f"round {completed}: {what}. The "
-                            f"last good checkpoint is {last_good or 'none (no checkpoint yet)'}. "
-                            "Lower client.lr or server.lr, or set client.grad_clip_norm."
-                        )
-                    if evaluates and (completed % config.eval.every == 0 or completed == end):
-                        record.update(self.evaluate())
+                        raise _divergence(r + 1, what, last_good)
+                    if evaluates and ((r + 1) % config.eval.every == 0 or r + 1 == end):
+                        record.update(self._checked_evaluate(r + 1, last_good, client_writer))
+                        progress.log_eval(r + 1, {k: v for k, v in record.items() if "/" in k})
+                    completed = r + 1
                     self.history.append(record)
-                    writer.write(record)
                     every = run.checkpoint_every
                     if run.save_checkpoints and (
                         (every and completed % every == 0) or completed == end
                     ):
+                        record["checkpoint_bytes"] = state_bytes
+                        t0 = time.perf_counter()
                         self.checkpointer.save(completed, self._state(), self._metadata(completed))
+                        record["checkpoint_time_s"] = time.perf_counter() - t0
                         last_good = self.checkpointer.path(completed)
+                    writer.write(record)
                     if completed % run.log_every == 0:
-                        progress.update(completed, f"loss {record['train_loss']:.4f}")
+                        progress.update(
+                            completed, f"loss {record['train_loss']:.4f}", round_time_s=wall
+                        )
             self._write_summary(progress)
+        except KeyboardInterrupt as err:
+            what = "terminated (SIGTERM)" if str(err) == "SIGTERM" else "interrupted"
+            raise RunInterrupted(
+                f"{what} after {completed} completed rounds; the last committed checkpoint is "
+                f"{last_good or 'none (nothing saved yet)'}. Continue with the same command and "
+                "--run.resume true."
+            ) from None
         finally:
             writer.close()
+            client_writer.close()
             self.checkpointer.close()
         return self.history
+
+    def _checked_evaluate(
+        self, completed: int, last_good: str | None, client_writer: MetricsWriter
+    ) -> dict:
+        t0 = time.perf_counter()
+        self.client_results = []
+        try:
+            metrics = self.evaluate()
+        except Exception as err:  # noqa: BLE001 - XLA reports OOM as a runtime error
+            converted = _as_device_memory_error(err, f"the evaluation after round {completed}")
+            if converted is err:
+                raise
+            raise converted from err
+        loss = metrics.get("eval/loss")
+        if loss is not None and not math.isfinite(loss):
+            raise _divergence(completed, f"the evaluation loss is {loss}", last_good)
+        for result in self.client_results:
+            client_writer.write({"round": completed, **result})
+        return {**metrics, "eval_time_s": time.perf_counter() - t0}
 
     def _round_record(
         self,
@@ -599,6 +836,16 @@ class Simulation:
             f"clients sharded over {1 if self.mesh is None else self.mesh.size} of "
             f"{jax.device_count()} device(s): {jax.devices()[0].device_kind}"
         )
+        if c.run.save_checkpoints:
+            store = tree_bytes(self.state.clients)
+            progress.log(
+                f"checkpoints: {tree_bytes(self._state()) / 2**20:,.2f} MiB of arrays each"
+                + (f" (per-client state store {store / 2**20:,.2f} MiB)" if store else "")
+                + f", every {c.run.checkpoint_every or 'last'} round(s), newest "
+                f"{c.run.keep_checkpoints} kept"
+            )
+        for note in self.notes:
+            progress.log(note)
 
     def _write_summary(self, progress: RoundProgress) -> None:
         evals = [h for h in self.history if "eval/loss" in h]
@@ -611,6 +858,7 @@ class Simulation:
             else None,
             "before": evals[0] if evals else {},
             "after": evals[-1] if evals else {},
+            "wall_time_s": self.wall_time_breakdown(),
         }
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -623,6 +871,23 @@ class Simulation:
                 f"median round time {summary['median_round_time_s']:.3f} s, compile "
                 f"{self.compile_time_s:.2f} s; metrics in {self.run_dir}/metrics.jsonl"
             )
+
+    def wall_time_breakdown(self) -> dict[str, float]:
+        """Where this process's wall time went: loading the model and the data, compiling,
+        rounds, evaluations, checkpoints, and the rest (setup, output), summing to the total."""
+        new = self.history[getattr(self, "_first_new_record", len(self.history)) :]
+        spent = {
+            "load": self.timings.get("load_time_s", 0.0),
+            "data": self.timings.get("data_time_s", 0.0),
+            "compile": self.compile_time_s or 0.0,
+            "rounds": sum(h.get("round_time_s", 0.0) for h in new),
+            "evaluation": sum(h.get("eval_time_s", 0.0) for h in new),
+            "checkpoints": sum(h.get("checkpoint_time_s", 0.0) for h in new),
+        }
+        total = time.perf_counter() - self._started
+        spent["other"] = max(total - sum(spent.values()), 0.0)
+        spent["total"] = total
+        return spent
 
 
 def init_params_shape(model_config: LlamaConfig) -> PyTree:
@@ -748,6 +1013,14 @@ def build_model(
                 raise ConfigError(f"pretrained.path: {err}") from None
             tokenizer = None
     if tokenizer is not None and model_config.vocab_size < tokenizer.vocab_size:
+        if config.pretrained.path is not None:
+            # The embedding's size comes from the weights; model.vocab_size does not apply.
+            raise ConfigError(
+                f"pretrained.path={config.pretrained.path!r}: its embedding has "
+                f"{model_config.vocab_size} rows but its tokenizer has {tokenizer.vocab_size} "
+                "tokens, so the tokenizer files belong to another model. Put the tokenizer of "
+                "these weights in the folder (or fetch the model again)."
+            )
         raise ConfigError(
             f"the model's vocabulary ({model_config.vocab_size}) is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} tokens; set model.vocab_size >= {tokenizer.vocab_size}."
@@ -852,19 +1125,30 @@ def build_data(d: DataConfig, tokenizer: Tokenizer) -> TaskData:
 
 
 def _restore_latest(run_dir: str, what: str) -> tuple[dict, dict, int]:
-    """The newest checkpoint of a run as (flat arrays, metadata, round)."""
-    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
-    try:
-        latest = checkpointer.latest_round()
-        if latest is None:
-            raise ConfigError(
-                f"{what}={run_dir!r} has no checkpoint; runs save one at the end (and every "
-                "run.checkpoint_every rounds)."
-            )
-        raw, meta = checkpointer.restore_raw(latest)
-    finally:
-        checkpointer.close()
-    return raw, meta, latest
+    """The newest readable checkpoint of a run as (flat arrays, metadata, round).
+
+    Nothing is created or changed in ``run_dir``; an unreadable newest checkpoint falls back
+    to an older one with a warning on stderr.
+    """
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"{what}={run_dir!r} does not exist (or is not a folder).")
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    found = None
+    if os.path.isdir(ckpt_dir):
+        checkpointer = Checkpointer(ckpt_dir, read_only=True)
+        try:
+            found = checkpointer.newest_readable(checkpointer.restore_raw)
+        finally:
+            checkpointer.close()
+    if found is None:
+        raise ConfigError(
+            f"{what}={run_dir!r} has no checkpoint; runs save one at the end (and every "
+            "run.checkpoint_every rounds)."
+        )
+    round_num, (raw, meta), skipped = found
+    for _, reason in skipped:
+        print(f"warning: {reason}; using round {round_num} instead.", file=sys.stderr)
+    return raw, meta, round_num
 
 
 def _global_params(raw: dict, like: PyTree, what: str, run_dir: str) -> PyTree:

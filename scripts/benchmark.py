@@ -32,6 +32,7 @@ from fedjax_llm.benchmarking import (
     format_results,
     run_benchmark,
 )
+from fedjax_llm.cli import ScriptContext, exit_process, run_script
 from fedjax_llm.models.trainable import TRAINABLE_MODES
 
 
@@ -147,7 +148,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _benchmark(argv: list[str] | None, context: ScriptContext) -> int:
+    del context  # no run directory: an unexpected error's log goes to the temporary folder
     args = parse_args(argv)
     out = args.out or default_out(jax.default_backend(), args.quick)
     command = sys.argv if argv is None else [__file__, *argv]
@@ -160,5 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_script("benchmark", _benchmark, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

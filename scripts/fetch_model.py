@@ -29,6 +29,9 @@ import time
 import zipfile
 from pathlib import Path
 
+from fedjax_llm.cli import ScriptContext, exit_process, run_script
+from fedjax_llm.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
@@ -62,7 +65,7 @@ MODELS: dict[str, ModelSource] = {
 """Known model names -> their source. Add an entry to make another model fetchable."""
 
 
-class FetchError(RuntimeError):
+class FetchError(UserError, RuntimeError):
     """A model could not be fetched or unpacked; the message says why and what to do."""
 
 
@@ -193,7 +196,8 @@ def fetch_model(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _fetch(argv: list[str] | None, context: ScriptContext) -> int:
+    del context  # no run directory: an unexpected error's log goes to the temporary folder
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -214,16 +218,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.name is None:
         parser.error(f"give a model name, one of {sorted(MODELS)} (or --list)")
-    from fedjax_llm.models.gguf_convert import GGUFConversionError
-
     try:
         fetch_model(args.name, args.out, args.dtype, force=args.force, from_file=args.from_file)
-    except (FetchError, GGUFConversionError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except FileNotFoundError as e:
+        raise FetchError(str(e)) from None
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_script("fetch_model", _fetch, argv)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    exit_process(main())

@@ -16,17 +16,18 @@ decoding is greedy unless ``--temperature`` > 0 (with ``--top-p`` nucleus sampli
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_llm.cli import ScriptContext, exit_process, run_script
 from fedjax_llm.config import ConfigError
 from fedjax_llm.data import load_tokenizer
+from fedjax_llm.errors import UserError
 from fedjax_llm.models.generation import generate
-from fedjax_llm.models.hf_loader import ModelLoadError, load_hf_config, load_pretrained
+from fedjax_llm.models.hf_loader import load_hf_config, load_pretrained
 from fedjax_llm.simulation import load_trained
 
 
@@ -70,7 +71,7 @@ def answer(model_config, params, model_kwargs, tokenizer, prompts, args) -> list
     return [tokenizer.decode(row.tolist()) for row in np.asarray(out)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _generate(argv: list[str] | None, context: ScriptContext) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run directory (config.yaml + checkpoints/)")
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", action="store_true", help="also show the base's answer")
     parser.add_argument("--raw", action="store_true", help="no chat template")
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if args.temperature < 0 or not 0.0 < args.top_p <= 1.0:
+        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
 
     try:
         if args.run:
@@ -104,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             model_config, params = load_pretrained(args.model, max_seq_len=max_seq_len)
             tokenizer, model_kwargs, label = load_tokenizer(args.model), {}, args.model
             args.compare = False
-    except (ConfigError, ModelLoadError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError) as err:
+        # ConfigError and ModelLoadError are UserErrors already; other input errors become one.
+        if isinstance(err, UserError):
+            raise
+        raise ConfigError(str(err)) from None
 
     t0 = time.perf_counter()
     answers = answer(model_config, params, model_kwargs, tokenizer, args.prompt, args)
@@ -129,5 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_script("generate", _generate, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

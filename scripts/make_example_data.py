@@ -26,9 +26,11 @@ import inspect
 import json
 import os
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
+from fedjax_llm.cli import ScriptContext, exit_process, run_script
 from fedjax_llm.data.tasks import TASK_FAMILIES, generate_examples_for_labels
 
 FAMILIES = ("add", "reverse", "sort", "count", "lookup", "copy", "max")
@@ -112,7 +114,8 @@ def write_texts(folder: str) -> dict[str, int]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
+def _make(argv: list[str] | None, context: ScriptContext) -> int:
+    del context  # no run directory: an unexpected error's log goes to the temporary folder
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/example")
     parser.add_argument("--users", type=int, default=40)
@@ -133,5 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_script("make_example_data", _make, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

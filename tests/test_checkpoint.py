@@ -195,9 +195,38 @@ def test_resumable_fields_change_nothing_else_in_a_real_config(make_config):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("partition_report", False), ("save_checkpoints", False), ("devices", 2)],
+    [("partition_report", False), ("save_checkpoints", False), ("stop_after", 2)],
 )
 def test_output_only_run_settings_may_change_on_resume(make_config, field, value):
     config = make_config()
     resumed = dataclasses.replace(config, run=dataclasses.replace(config.run, **{field: value}))
     assert config_differences(config_to_dict(config), config_to_dict(resumed)) == []
+
+
+@pytest.mark.parametrize(
+    "field, value", [("clients_per_chunk", 2), ("devices", 2), ("engine", "sequential")]
+)
+def test_the_round_layout_may_not_change_on_resume(make_config, field, value):
+    """Chunking, devices and engine change the float rounding of the round's sums: a run
+    resumed with another layout would not equal the uninterrupted one."""
+    config = make_config()
+    resumed = dataclasses.replace(config, run=dataclasses.replace(config.run, **{field: value}))
+    assert config_differences(config_to_dict(config), config_to_dict(resumed)) == [
+        f"run.{field}: {getattr(config.run, field)!r} -> {value!r}"
+    ]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_num_rounds_may_change_on_resume_only_under_a_constant_schedule(make_config, schedule):
+    from fedjax_llm.simulation import resume_differences
+
+    config = make_config(client={"schedule": schedule})
+    longer = dataclasses.replace(config, run=dataclasses.replace(config.run, num_rounds=30))
+    diffs = resume_differences(config_to_dict(config), longer)
+    if schedule == "constant":
+        assert diffs == []
+    else:
+        assert diffs == [
+            f"run.num_rounds: {config.run.num_rounds} -> 30 (the client learning-rate schedule "
+            "spans run.num_rounds)"
+        ]

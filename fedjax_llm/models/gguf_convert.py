@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from fedjax_llm.errors import UserError
+
 DTYPES = ("float32", "bfloat16", "float16")
 """Floating-point types `convert_gguf_to_hf` can write the weights in."""
 
@@ -120,7 +122,7 @@ _GPT2_SPLIT_PRE_TOKENIZERS = frozenset(
 _IGNORE_MERGES_PRE_TOKENIZERS = frozenset(_LLAMA3_FAMILY + ("tekken",))
 
 
-class GGUFConversionError(ValueError):
+class GGUFConversionError(UserError, ValueError):
     """A GGUF file cannot be converted: unsupported architecture, tensor or metadata."""
 
 

@@ -1,0 +1,36 @@
+"""The error types a user can act on.
+
+Every error that bad input or a fault of the environment can cause derives from `UserError`:
+scripts report it as one line (its message names the cause and the fix) and exit with its
+``exit_code``; anything else is a bug or an unforeseen fault, reported with a pointer to a log
+holding the full traceback (see `fedjax_llm.cli`). Library code raises the most specific
+subclass; each also derives from the builtin type callers caught before (``ValueError``,
+``RuntimeError``, ``OSError``), so existing ``except`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error the user can fix; its message names the cause and what to do."""
+
+    exit_code = 2
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (permissions, disk full, storage error); the
+    previous committed checkpoint is intact."""
+
+
+class CheckpointReadError(UserError, OSError):
+    """No checkpoint of a run could be read back (missing, truncated or corrupted files)."""
+
+
+class RunInterrupted(UserError):
+    """The run was stopped by Ctrl-C or SIGTERM; it can be continued with ``--run.resume``."""
+
+    exit_code = 130
+
+
+class DeviceMemoryError(UserError, RuntimeError):
+    """The compiled round or evaluation needs more accelerator memory than there is."""
