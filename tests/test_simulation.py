@@ -49,6 +49,22 @@ def test_each_mode_trains_and_writes_the_run_directory(make_config, trainable, c
         assert os.path.exists(os.path.join(run_dir, name)), name
     assert read_jsonl(os.path.join(run_dir, "metrics.jsonl")) == history
     assert "compile_time_s" in history[1]
+    # The whole wall time is accounted for, and every record says when it was written.
+    for key in ("load_time_s", "data_time_s", "eval_time_s"):
+        assert history[0][key] >= 0.0, key
+    assert after["checkpoint_bytes"] > 0 and after["checkpoint_time_s"] > 0
+    times = [h["time"] for h in history]
+    assert times == sorted(times)
+    spent = json.load(open(os.path.join(run_dir, "summary.json")))["wall_time_s"]
+    parts = sum(v for k, v in spent.items() if k != "total")
+    assert parts == pytest.approx(spent["total"]) and spent["rounds"] > 0
+    # Every client's held-out results, per evaluation: which clients are worst, not only how bad.
+    clients = read_jsonl(os.path.join(run_dir, "eval_clients.jsonl"))
+    assert [c["round"] for c in clients] == [0] * 8 + [4] * 8
+    final = [c for c in clients if c["round"] == 4]
+    assert [c["client"] for c in final] == list(range(8))
+    worst = sorted(c["loss"] for c in final)[-1:]
+    assert after["client/loss_worst10"] == pytest.approx(np.mean(worst), rel=1e-5)
 
 
 def test_bytes_sent_match_the_trainable_size(make_config):
@@ -120,6 +136,60 @@ def test_existing_run_directory_is_never_overwritten(make_config):
     with pytest.raises(RunDirectoryError, match="resume"):
         Simulation(config, verbose=False).run()
     assert open(os.path.join(config.run.output_dir, "metrics.jsonl")).read() == metrics
+
+
+def test_a_run_stopped_before_its_first_checkpoint_restarts_with_resume(make_config):
+    broken = make_config(client={"lr": 1e30}, run={"num_rounds": 2})
+    with pytest.raises(DivergenceError):
+        Simulation(broken, verbose=False).run()
+    fixed = make_config(run={"num_rounds": 2, "output_dir": broken.run.output_dir})
+    with pytest.raises(RunDirectoryError, match="stopped before its first checkpoint; pass "):
+        Simulation(fixed, verbose=False).run()
+    restarted = Simulation(
+        make_config(run={"num_rounds": 2, "output_dir": broken.run.output_dir, "resume": True}),
+        verbose=False,
+    )
+    history = restarted.run()
+    assert restarted.notes == [
+        f"{broken.run.output_dir} holds no committed checkpoint: starting from round 0."
+    ]
+    fresh = Simulation(make_config(run={"num_rounds": 2}), verbose=False).run()
+    assert [h.get("train_loss") for h in history] == [h.get("train_loss") for h in fresh]
+    assert read_jsonl(os.path.join(broken.run.output_dir, "metrics.jsonl")) == history
+
+
+def test_divergence_after_resume_names_the_checkpoint_resumed_from(make_config, monkeypatch):
+    config = make_config(run={"num_rounds": 2})
+    Simulation(config, verbose=False).run()
+    resumed = make_config(
+        run={"num_rounds": 4, "output_dir": config.run.output_dir, "resume": True}
+    )
+    run_round = Simulation.run_round
+
+    def nan_loss(self, round_num):
+        out, cohort = run_round(self, round_num)
+        return out._replace(train_loss=np.float32("nan")), cohort
+
+    monkeypatch.setattr(Simulation, "run_round", nan_loss)
+    checkpoint = os.path.join(os.path.abspath(config.run.output_dir), "checkpoints", "2")
+    with pytest.raises(DivergenceError, match=f"round 3: .*last good checkpoint is {checkpoint}"):
+        Simulation(resumed, verbose=False).run()
+
+
+def test_a_non_finite_evaluation_loss_stops_before_the_checkpoint(make_config, monkeypatch):
+    config = make_config(run={"num_rounds": 2, "checkpoint_every": 1}, eval={"every": 2})
+    evaluate = Simulation.evaluate
+    monkeypatch.setattr(
+        Simulation,
+        "evaluate",
+        lambda self: (
+            {**evaluate(self), "eval/loss": float("inf")} if self.history else evaluate(self)
+        ),
+    )
+    with pytest.raises(DivergenceError, match="round 2: the evaluation loss is inf"):
+        Simulation(config, verbose=False).run()
+    ckpt = os.path.join(config.run.output_dir, "checkpoints")
+    assert sorted(os.listdir(ckpt)) == ["1"]
 
 
 def test_divergence_stops_with_round_and_last_checkpoint(make_config):
@@ -285,3 +355,28 @@ def test_parameters_that_diverge_in_the_last_local_step_are_never_saved(make_con
     records = read_jsonl(os.path.join(config.run.output_dir, "metrics.jsonl"))
     assert np.isfinite(records[-1]["train_loss"])  # the loss alone would not have caught it
     assert not os.path.exists(os.path.join(config.run.output_dir, "checkpoints", "1"))
+
+
+def test_out_of_device_memory_is_a_named_error_with_the_fix(make_config):
+    from fedjax_llm.errors import DeviceMemoryError
+
+    sim = Simulation(make_config(), verbose=False)
+    sim.compile()
+
+    def exhausted(*args):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes."
+        )
+
+    sim._compiled = exhausted
+    with pytest.raises(
+        DeviceMemoryError, match=r"round 1 needs more device memory.*clients_per_chunk"
+    ):
+        sim.run_round(0)
+
+    def other(*args):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    sim._compiled = other
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        sim.run_round(0)
