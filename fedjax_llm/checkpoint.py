@@ -10,9 +10,11 @@ rounds therefore reproduces an uninterrupted run bit for bit.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -50,6 +52,10 @@ T = TypeVar("T")
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
+MANIFEST = "files.crc32.json"
+"""Inside each checkpoint: every file's size and CRC-32, checked before the storage layer reads
+any of them (a damaged file is then reported without the storage layer's own noise)."""
+
 
 def _flatten(tree: PyTree) -> dict[str, Any]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -68,6 +74,26 @@ _KNOWN_CAUSES = (
     "Disk quota exceeded",
     "No such file or directory",
 )
+
+
+def _file_crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(directory: str) -> dict[str, str]:
+    """Relative path -> path of every file under ``directory`` except the manifest."""
+    out = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            if rel != MANIFEST:
+                out[rel] = path
+    return out
 
 
 def _cause(err: BaseException) -> str:
@@ -113,6 +139,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 2, *, read_only: bool = False):
         self.directory = os.path.abspath(directory)
+        self._verified: set[int] = set()
         if read_only and not os.path.isdir(self.directory):
             raise CheckpointReadError(f"{self.directory} is not a folder of checkpoints.")
         try:
@@ -161,10 +188,28 @@ class Checkpointer:
         """
         arrays = {k: np.asarray(v) if np.isscalar(v) else v for k, v in _flatten(state).items()}
         checksums = {k: _crc32(v) for k, v in arrays.items()}
-        if round_num in self.rounds():
+        rounds = self.rounds()
+        if round_num in rounds:
             raise CheckpointWriteError(
                 f"a checkpoint of round {round_num} already exists in {self.directory}."
             )
+        kept = (
+            f"The previous checkpoint (round {rounds[-1]}) is intact"
+            if rounds
+            else "There is no earlier checkpoint"
+        )
+        if rounds:
+            # The newest checkpoint's size on disk predicts this one's: a disk too full for it
+            # fails here, cleanly, before anything is written.
+            need = sum(os.path.getsize(p) for p in _files(self.path(rounds[-1])).values())
+            free = shutil.disk_usage(self.directory).free
+            if free < need:
+                raise CheckpointWriteError(
+                    f"could not save the checkpoint of round {round_num} in {self.directory}: no "
+                    f"space left on device (it needs about {need / 2**20:,.2f} MiB, "
+                    f"{free / 2**20:,.2f} MiB are free). {kept}. Free disk space, then continue "
+                    "with --run.resume true."
+                )
         try:
             with _quiet_storage_threads():
                 saved = self._manager.save(
@@ -178,21 +223,84 @@ class Checkpointer:
                 self._manager.wait_until_finished()
             if not saved:
                 raise RuntimeError("the checkpoint manager declined to save this round")
+            self._write_manifest(round_num)
         except Exception as err:  # noqa: BLE001 - storage layers raise many types
-            for name in os.listdir(self.directory) if os.path.isdir(self.directory) else []:
-                if name.startswith(f"{round_num}{_TMP_SUFFIX}"):
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-            previous = [r for r in self.rounds() if r != round_num]
-            kept = (
-                f"The previous checkpoint (round {previous[-1]}) is intact"
-                if previous
-                else "There is no earlier checkpoint"
-            )
+            # The storage layer's writer threads go on logging the failure after it reached
+            # us; it is reported once, as the error raised here.
+            logging.getLogger("absl").setLevel(logging.CRITICAL)
+            self._remove_partial(round_num)
             raise CheckpointWriteError(
                 f"could not save the checkpoint of round {round_num} in {self.directory}: "
                 f"{_cause(err)}. {kept}. Free disk space or make the folder writable, then "
                 "continue with --run.resume true."
             ) from err
+
+    def _remove_partial(self, round_num: int) -> None:
+        """Removes what a failed save of ``round_num`` left (never a committed checkpoint)."""
+        with contextlib.suppress(Exception), _quiet_storage_threads():
+            self._manager.wait_until_finished()  # writer threads may still be finishing
+        for _ in range(50):
+            names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+            partial = [n for n in names if n.startswith(f"{round_num}{_TMP_SUFFIX}")]
+            if not partial:
+                return
+            for name in partial:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            time.sleep(0.01)
+
+    def _write_manifest(self, round_num: int) -> None:
+        # Written after the commit: a kill in between leaves a checkpoint without a manifest,
+        # which is read unverified (its arrays' CRCs are still checked).
+        directory = self.path(round_num)
+        manifest = {
+            rel: [os.path.getsize(path), _file_crc32(path)]
+            for rel, path in sorted(_files(directory).items())
+        }
+        tmp = os.path.join(directory, MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(directory, MANIFEST))
+
+    def verify_files(self, round_num: int, under: str | None = None) -> None:
+        """Checks the files of a checkpoint against its manifest (size and CRC-32).
+
+        Args:
+          round_num: which checkpoint.
+          under: only the files in this subfolder (``meta``); None: all of them.
+
+        Raises:
+          CheckpointReadError: naming the first missing, truncated or changed file.
+        """
+        if round_num in self._verified:
+            return
+        directory = self.path(round_num)
+        path = os.path.join(directory, MANIFEST)
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    manifest = {rel: (int(v[0]), int(v[1])) for rel, v in json.load(f).items()}
+            except (OSError, ValueError, TypeError, AttributeError, IndexError) as err:
+                raise CheckpointReadError(
+                    f"checkpoint {directory} is damaged: its {MANIFEST} cannot be read "
+                    f"({_cause(err)})."
+                ) from None
+            for rel, (size, crc) in manifest.items():
+                if under is not None and not rel.startswith(under + os.sep):
+                    continue
+                file = os.path.join(directory, rel)
+                if not os.path.isfile(file):
+                    problem = f"{rel} is missing"
+                elif os.path.getsize(file) != size:
+                    problem = f"{rel} has {os.path.getsize(file)} bytes, {size} were saved"
+                elif _file_crc32(file) != crc:
+                    problem = f"{rel} differs from what was saved (CRC-32 mismatch)"
+                else:
+                    continue
+                raise CheckpointReadError(f"checkpoint {directory} is damaged: {problem}.")
+        if under is None:
+            self._verified.add(round_num)
 
     def metadata(self, round_num: int) -> dict:
         """Returns the JSON metadata (round, history, config) of a checkpoint, no arrays.
@@ -200,6 +308,7 @@ class Checkpointer:
         Raises:
           CheckpointReadError: if it cannot be read.
         """
+        self.verify_files(round_num, under="meta")
         try:
             with _quiet_storage_threads():
                 meta = self._manager.restore(
@@ -217,6 +326,7 @@ class Checkpointer:
 
     def _restore_arrays(self, round_num: int) -> dict[str, Any]:
         path = self.path(round_num)
+        self.verify_files(round_num)
         try:
             with _quiet_storage_threads():
                 out = self._manager.restore(
@@ -322,6 +432,7 @@ class Checkpointer:
             suffix += 1
         target += f".{suffix}" if suffix else ""
         os.rename(self.path(round_num), target)
+        self._verified.discard(round_num)
         self._manager.reload()
         return target
 

@@ -78,7 +78,8 @@ def test_bytes_sent_match_the_trainable_size(make_config):
     assert record["bytes_up"] == record["participants"] * lora_bytes
 
 
-@pytest.mark.parametrize("algorithm", ["scaffold", "fedadam"])
+# FedAdam (server optimizer state) is resumed bit for bit in tests/test_faults.py, after kills.
+@pytest.mark.parametrize("algorithm", ["scaffold"])
 def test_resume_is_bit_for_bit(make_config, algorithm):
     sections = {
         "algorithm": {"type": algorithm},
@@ -139,9 +140,11 @@ def test_existing_run_directory_is_never_overwritten(make_config):
 
 
 def test_a_run_stopped_before_its_first_checkpoint_restarts_with_resume(make_config):
-    broken = make_config(client={"lr": 1e30}, run={"num_rounds": 2})
-    with pytest.raises(DivergenceError):
-        Simulation(broken, verbose=False).run()
+    broken = make_config(run={"num_rounds": 2})
+    # What a run killed before its first checkpoint leaves: its config and round 0's record.
+    os.makedirs(os.path.join(broken.run.output_dir, "checkpoints"))
+    with open(os.path.join(broken.run.output_dir, "metrics.jsonl"), "w") as f:
+        f.write('{"round": 0, "eval/loss": 5.0}\n{"round": 1, "train_lo')
     fixed = make_config(run={"num_rounds": 2, "output_dir": broken.run.output_dir})
     with pytest.raises(RunDirectoryError, match="stopped before its first checkpoint; pass "):
         Simulation(fixed, verbose=False).run()
