@@ -7,6 +7,7 @@ inside the one compiled program built by `fedjax_llm.round.make_round_fn`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -15,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -230,6 +231,18 @@ def _client_results_writer(run_dir: str, start_round: int) -> MetricsWriter:
             if r.get("round", 0) <= start_round
         ]
     return MetricsWriter(path, kept)
+
+
+@contextlib.contextmanager
+def _device_memory(what: str) -> Iterator[None]:
+    """Turns an accelerator out-of-memory failure inside the block into `DeviceMemoryError`."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - XLA reports OOM as a runtime error
+        converted = _as_device_memory_error(err, what)
+        if converted is err:
+            raise
+        raise converted from err
 
 
 def _first_line(text: str, limit: int = 200) -> str:
@@ -604,28 +617,29 @@ class Simulation:
             ids, self.slots, self.config.sampling.dropout, self.config.run.seed, round_num
         )
 
-    def _round_args(self, round_num: int) -> tuple:
+    def _round_inputs(self, round_num: int) -> tuple[Cohort, tuple]:
+        """A round's cohort and the compiled round's arguments."""
         cohort = self.cohort(round_num)
         round_key = jax.random.fold_in(self.train_key, round_num)
-        return cohort, round_key, self.hyperparams(round_num)
+        return cohort, (
+            self.frozen,
+            self.state,
+            self.client_data,
+            jax.tree.map(jnp.asarray, cohort),
+            round_key,
+            self.hyperparams(round_num),
+        )
 
     def compile(self) -> float:
         """Compiles the round ahead of time; returns the compile time in seconds (0 for the
         sequential engine, whose pieces compile on first use)."""
-        cohort, round_key, hparams = self._round_args(self.start_round)
+        _, inputs = self._round_inputs(self.start_round)
         t0 = time.perf_counter()
         if self.config.run.engine == "sequential":
             self._compiled = self.round_fn
         else:
             try:
-                lowered = self.round_fn.lower(
-                    self.frozen,
-                    self.state,
-                    self.client_data,
-                    jax.tree.map(jnp.asarray, cohort),
-                    round_key,
-                    hparams,
-                )
+                lowered = self.round_fn.lower(*inputs)
             except (TypeError, ValueError, KeyError, IndexError) as err:
                 # Tracing runs every piece once: a transform, aggregator, objective or algorithm
                 # that does not fit the trainable or the data fails here, before any round.
@@ -637,13 +651,8 @@ class Simulation:
                     f"({c.aggregation.aggregator}) and the objective fit trainable.mode="
                     f"{c.trainable.mode} and the data's fields {sorted(self.client_data.examples)}."
                 ) from err
-            try:
+            with _device_memory("compiling the round"):
                 self._compiled = lowered.compile()
-            except Exception as err:  # noqa: BLE001 - XLA reports OOM as a runtime error
-                converted = _as_device_memory_error(err, "compiling the round")
-                if converted is err:
-                    raise
-                raise converted from err
         self.compile_time_s = time.perf_counter() - t0
         return self.compile_time_s
 
@@ -652,22 +661,10 @@ class Simulation:
         round's output (fetched to the host) and cohort."""
         if self._compiled is None:
             self.compile()
-        cohort, round_key, hparams = self._round_args(round_num)
-        try:
-            self.state, out = self._compiled(
-                self.frozen,
-                self.state,
-                self.client_data,
-                jax.tree.map(jnp.asarray, cohort),
-                round_key,
-                hparams,
-            )
+        cohort, inputs = self._round_inputs(round_num)
+        with _device_memory(f"round {round_num + 1}"):
+            self.state, out = self._compiled(*inputs)
             return jax.device_get(out), cohort
-        except Exception as err:  # noqa: BLE001 - XLA reports OOM as a runtime error
-            converted = _as_device_memory_error(err, f"round {round_num + 1}")
-            if converted is err:
-                raise
-            raise converted from err
 
     def _communication(self) -> tuple[int, int]:
         """Bytes one client downloads (the broadcast) and uploads (its `ClientOutput`)."""
@@ -772,13 +769,8 @@ class Simulation:
     ) -> dict:
         t0 = time.perf_counter()
         self.client_results = []
-        try:
+        with _device_memory(f"the evaluation after round {completed}"):
             metrics = self.evaluate()
-        except Exception as err:  # noqa: BLE001 - XLA reports OOM as a runtime error
-            converted = _as_device_memory_error(err, f"the evaluation after round {completed}")
-            if converted is err:
-                raise
-            raise converted from err
         loss = metrics.get("eval/loss")
         if loss is not None and not math.isfinite(loss):
             raise _divergence(completed, f"the evaluation loss is {loss}", last_good)
