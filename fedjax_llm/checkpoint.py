@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fedjax_llm.errors import CheckpointReadError, CheckpointWriteError, UserError
+from fedjax_llm.errors import CheckpointReadError, CheckpointWriteError, UserError, first_line
 from kernels.pytree import PyTree
 
 # Settings that may change between a run and its resumption: they decide what is written, where
@@ -101,8 +101,7 @@ def _cause(err: BaseException) -> str:
     for cause in _KNOWN_CAUSES:
         if cause in text:
             return cause.lower()
-    lines = text.strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+    return f"{type(err).__name__}: {first_line(text, 200)}"
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fedjax_llm.errors import RunInterrupted, UserError
+from fedjax_llm.errors import RunInterrupted, UserError, first_line, interruption
 
 ERROR_LOG = "error.log"
 """File name of the full traceback of an unexpected error, in the script's log directory."""
@@ -45,11 +45,6 @@ class ScriptContext:
     def __init__(self, name: str):
         self.name = name
         self.log_dir: str | None = None
-
-
-def _first_line(text: str, limit: int = 300) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def write_error_log(context: ScriptContext, argv: Sequence[str] | None, err: BaseException) -> str:
@@ -79,12 +74,15 @@ def write_error_log(context: ScriptContext, argv: Sequence[str] | None, err: Bas
     return "(no writable location for the log; traceback follows)\n" + text
 
 
-def _unexpected_message(err: BaseException, log: str) -> str:
-    return (
-        f"error: unexpected {type(err).__name__}: {_first_line(str(err))}\n"
+def _report_unexpected(context: ScriptContext, argv: Sequence[str] | None, err: Exception) -> int:
+    log = write_error_log(context, argv, err)
+    print(
+        f"error: unexpected {type(err).__name__}: {first_line(str(err))}\n"
         "This is a bug or an unforeseen fault, not a mistake in your input; the full traceback "
-        f"is in {log}. Please report it with that file."
+        f"is in {log}. Please report it with that file.",
+        file=sys.stderr,
     )
+    return 1
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -119,24 +117,17 @@ def run_script(
         return err.exit_code
     except OSError as err:
         if err.filename is None:
-            raise_unexpected = err
-        else:
-            # A fault of the environment at a named path: permissions, a full disk, a missing
-            # folder, a file where a folder should be.
-            target = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
-            print(f"error: {err.strerror or err}: {target}", file=sys.stderr)
-            return UserError.exit_code
-        log = write_error_log(context, argv, raise_unexpected)
-        print(_unexpected_message(raise_unexpected, log), file=sys.stderr)
-        return 1
+            return _report_unexpected(context, argv, err)
+        # A fault of the environment at a named path: permissions, a full disk, a missing
+        # folder, a file where a folder should be.
+        target = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
+        print(f"error: {err.strerror or err}: {target}", file=sys.stderr)
+        return UserError.exit_code
     except KeyboardInterrupt as err:
-        what = "terminated (SIGTERM)" if str(err) == "SIGTERM" else "interrupted"
-        print(f"{what}: {name} stopped before finishing.", file=sys.stderr)
+        print(f"{interruption(err)}: {name} stopped before finishing.", file=sys.stderr)
         return RunInterrupted.exit_code
     except Exception as err:  # noqa: BLE001 - the boundary: nothing may escape as a traceback
-        log = write_error_log(context, argv, err)
-        print(_unexpected_message(err, log), file=sys.stderr)
-        return 1
+        return _report_unexpected(context, argv, err)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

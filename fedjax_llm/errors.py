@@ -34,3 +34,16 @@ class RunInterrupted(UserError):
 
 class DeviceMemoryError(UserError, RuntimeError):
     """The compiled round or evaluation needs more accelerator memory than there is."""
+
+
+def first_line(text: str, limit: int = 300) -> str:
+    """The first line of an error message, cut to ``limit`` characters (for one-line reports
+    of errors whose messages run over many lines, as XLA's and storage layers' do)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def interruption(err: KeyboardInterrupt) -> str:
+    """How an interruption is named: SIGTERM (raised as `KeyboardInterrupt("SIGTERM")` by the
+    scripts' boundary) or Ctrl-C."""
+    return "terminated (SIGTERM)" if str(err) == "SIGTERM" else "interrupted"

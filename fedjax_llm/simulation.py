@@ -43,7 +43,13 @@ from fedjax_llm.data import (
     load_tokenizer,
     save_partition_report,
 )
-from fedjax_llm.errors import DeviceMemoryError, RunInterrupted, UserError
+from fedjax_llm.errors import (
+    DeviceMemoryError,
+    RunInterrupted,
+    UserError,
+    first_line,
+    interruption,
+)
 from fedjax_llm.evaluation import (
     evaluate_arrays,
     evaluate_examples,
@@ -209,7 +215,7 @@ def _as_device_memory_error(err: Exception, what: str) -> Exception:
     text = str(err)
     if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text:
         return DeviceMemoryError(
-            f"{what} needs more device memory than there is ({_first_line(text)}). Lower "
+            f"{what} needs more device memory than there is ({first_line(text, 200)}). Lower "
             "run.clients_per_chunk (clients vmapped at once), client.batch_size or "
             "eval.batch_size, or train a smaller part of the model (trainable.mode=lora)."
         )
@@ -243,11 +249,6 @@ def _device_memory(what: str) -> Iterator[None]:
         if converted is err:
             raise
         raise converted from err
-
-
-def _first_line(text: str, limit: int = 200) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line[:limit]
 
 
 def tree_bytes(tree: PyTree) -> int:
@@ -420,6 +421,8 @@ class Simulation:
         self.notes: list[str] = []
         # Every client's held-out results of the newest evaluation (``eval.per_client``).
         self.client_results: list[dict] = []
+        # Where the records this process adds start in ``history`` (set by `run`).
+        self._first_new_record = 0
 
     @property
     def params(self) -> PyTree:
@@ -752,11 +755,10 @@ class Simulation:
                         )
             self._write_summary(progress)
         except KeyboardInterrupt as err:
-            what = "terminated (SIGTERM)" if str(err) == "SIGTERM" else "interrupted"
             raise RunInterrupted(
-                f"{what} after {completed} completed rounds; the last committed checkpoint is "
-                f"{last_good or 'none (nothing saved yet)'}. Continue with the same command and "
-                "--run.resume true."
+                f"{interruption(err)} after {completed} completed rounds; the last committed "
+                f"checkpoint is {last_good or 'none (nothing saved yet)'}. Continue with the same "
+                "command and --run.resume true."
             ) from None
         finally:
             writer.close()
@@ -867,7 +869,7 @@ class Simulation:
     def wall_time_breakdown(self) -> dict[str, float]:
         """Where this process's wall time went: loading the model and the data, compiling,
         rounds, evaluations, checkpoints, and the rest (setup, output), summing to the total."""
-        new = self.history[getattr(self, "_first_new_record", len(self.history)) :]
+        new = self.history[self._first_new_record :]
         spent = {
             "load": self.timings.get("load_time_s", 0.0),
             "data": self.timings.get("data_time_s", 0.0),

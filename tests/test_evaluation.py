@@ -110,9 +110,9 @@ def test_summarize_clients_closed_form():
     )
 
 
-@pytest.mark.parametrize("num_clients, worst", [(9, 1), (10, 1), (11, 2), (20, 2), (21, 3)])
-def test_summarize_clients_worst_ten_percent_is_the_mean_of_the_worst_tenth(num_clients, worst):
-    rng = np.random.default_rng(num_clients)
+def _random_clients(num_clients: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Random example counts per client and per-example evaluation sums for them."""
+    rng = np.random.default_rng(seed)
     counts = rng.integers(1, 5, size=num_clients)
     n = int(counts.sum())
     target_tokens = rng.integers(0, 4, size=n).astype(np.float64)
@@ -122,6 +122,12 @@ def test_summarize_clients_worst_ten_percent_is_the_mean_of_the_worst_tenth(num_
         "target_tokens": target_tokens,
         "exact_match": rng.integers(0, 2, size=n).astype(np.float64),
     }
+    return counts, per_example
+
+
+@pytest.mark.parametrize("num_clients, worst", [(9, 1), (10, 1), (11, 2), (20, 2), (21, 3)])
+def test_summarize_clients_worst_ten_percent_is_the_mean_of_the_worst_tenth(num_clients, worst):
+    counts, per_example = _random_clients(num_clients, seed=num_clients)
     out = summarize_clients(per_example, make_dataset(counts))
 
     # Independently: slice each client's rows.
@@ -165,15 +171,7 @@ def test_missing_labels_are_listed_in_label_order_and_serialize():
 
 
 def test_per_client_results_match_the_aggregates_client_by_client():
-    rng = np.random.default_rng(0)
-    counts = rng.integers(1, 5, size=13)
-    n = int(counts.sum())
-    target_tokens = rng.integers(0, 4, size=n).astype(np.float64)
-    per_example = {
-        "loss_sum": target_tokens * rng.uniform(0, 4, size=n),
-        "target_tokens": target_tokens,
-        "exact_match": rng.integers(0, 2, size=n).astype(np.float64),
-    }
+    counts, per_example = _random_clients(13, seed=0)
     dataset = make_dataset(counts)
     rows = per_client_results(per_example, dataset)
     assert json.loads(json.dumps(rows)) == rows
@@ -182,7 +180,7 @@ def test_per_client_results_match_the_aggregates_client_by_client():
     begin = 0
     for row, c in zip(rows, counts, strict=True):
         part = slice(begin, begin + c)
-        tokens = target_tokens[part].sum()
+        tokens = per_example["target_tokens"][part].sum()
         loss = per_example["loss_sum"][part].sum() / tokens if tokens else 0.0
         assert row["num_target_tokens"] == tokens
         assert row["loss"] == pytest.approx(loss, rel=1e-12)
