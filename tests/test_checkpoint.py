@@ -230,3 +230,16 @@ def test_num_rounds_may_change_on_resume_only_under_a_constant_schedule(make_con
             f"run.num_rounds: {config.run.num_rounds} -> 30 (the client learning-rate schedule "
             "spans run.num_rounds)"
         ]
+
+
+def test_a_round_is_never_saved_twice(tmp_path):
+    from fedjax_llm.errors import CheckpointWriteError
+
+    checkpointer = Checkpointer(str(tmp_path))
+    try:
+        checkpointer.save(2, make_state(), METADATA)
+        with pytest.raises(CheckpointWriteError, match="round 2 already exists"):
+            checkpointer.save(2, make_state(), METADATA)
+        assert checkpointer.restore_raw(2)[1] == METADATA
+    finally:
+        checkpointer.close()

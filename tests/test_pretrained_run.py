@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -156,6 +157,15 @@ def test_bad_real_inputs_fail_before_training(make_config, model_dir, dolly_file
             _real_config(make_config, model_dir, dolly_file, run={"num_clients_per_round": 7}),
             verbose=False,
         )
+    # A tokenizer from another model, larger than the weights' embedding: model.vocab_size
+    # cannot help with pretrained.path, so the message must not suggest it.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(model_dir, mixed)
+    write_tiny_tokenizer(mixed, vocab_size=512)
+    assert load_tokenizer(mixed).vocab_size > load_tokenizer(model_dir).vocab_size
+    with pytest.raises(ConfigError, match="belong to another model") as err:
+        Simulation(_real_config(make_config, str(mixed), dolly_file), verbose=False)
+    assert "model.vocab_size" not in str(err.value)
 
 
 def _generate_script():

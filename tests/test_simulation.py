@@ -383,3 +383,16 @@ def test_out_of_device_memory_is_a_named_error_with_the_fix(make_config):
     sim._compiled = other
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         sim.run_round(0)
+
+
+def test_too_little_disk_for_a_checkpoint_is_warned_before_training(make_config, monkeypatch):
+    import shutil
+
+    free = shutil.disk_usage(".")._replace(free=1024)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: free)
+    sim = Simulation(make_config(run={"num_rounds": 1}), verbose=False)
+    sim.run()
+    assert any(
+        n.startswith("warning: a checkpoint of this run holds") and "saving may fail" in n
+        for n in sim.notes
+    )
