@@ -43,6 +43,9 @@ LoadDtype = Literal["float32", "bfloat16"]
 WeightingName = Literal["num_examples", "uniform"]
 SamplerName = Literal["uniform", "poisson", "availability"]
 EngineName = Literal["compiled", "sequential"]
+PrivacyLevel = Literal["none", "client", "sample"]
+AccountantName = Literal["rdp", "pld"]
+AttackName = Literal["none", "sign_flip", "scaling", "gaussian", "alie", "ipm"]
 
 
 class ConfigError(UserError, ValueError):
@@ -414,13 +417,115 @@ class AggregationConfig:
         ``clip`` (L2-clip the whole update to ``clip_norm``) or names added with
         `fedjax_llm.register_transform`.
       aggregator: ``mean`` (streaming weighted mean, FedAvg), ``median`` (coordinate-wise
-        median; gathers every upload) or a name added with `fedjax_llm.register_aggregator`.
+        median), ``trimmed_mean``, ``krum``, ``multi_krum``, ``geometric_median``,
+        ``centered_clipping`` (these gather every upload), ``norm_bounding`` (streams) or a name
+        added with `fedjax_llm.register_aggregator`.
       clip_norm: the clip norm of ``clip`` (a round hyperparameter).
+      trim_fraction: ``trimmed_mean``: the share of values dropped at each end per coordinate.
+      byzantine_bound: ``krum``/``multi_krum``: the number f of Byzantine clients assumed per
+        round; null: byzantine.fraction of the cohort, rounded up.
+      multi_krum_selected: ``multi_krum``: how many lowest-score uploads are averaged.
+      norm_bound: ``norm_bounding``: each upload's L2 norm bound.
+      center_clip_radius: ``centered_clipping``: the clipping radius around the last aggregate.
+      center_clip_iters: ``centered_clipping``: iterations per round.
+      geometric_median_iters: ``geometric_median``: Weiszfeld iterations.
     """
 
     transforms: tuple[str, ...] = ()
     aggregator: str = "mean"
     clip_norm: float = 1.0
+    trim_fraction: float = 0.1
+    byzantine_bound: int | None = None
+    multi_krum_selected: int | None = None
+    norm_bound: float = 1.0
+    center_clip_radius: float = 1.0
+    center_clip_iters: int = 3
+    geometric_median_iters: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy, with its accounting (see the README's "Privacy and robustness").
+
+    Attributes:
+      level: ``none``; ``client`` (DP-FedAvg for any algorithm: each client's whole upload
+        clipped to ``clip_norm``, Gaussian noise on the sum, a fixed denominator; needs
+        ``sampling.kind`` ``poisson`` or ``uniform``); ``sample`` (DP-SGD inside every client:
+        per-example clipping and noise at every local step; accounted per client).
+      clip_norm: the L2 clip norm C (client level: of a client's upload; sample level: of one
+        example's gradient). With ``adaptive_clipping`` the initial value.
+      noise_multiplier: z, the noise standard deviation over C. Null: solved from
+        ``target_epsilon`` before training.
+      target_epsilon: the epsilon the run may reach after ``run.num_rounds`` (solves for
+        ``noise_multiplier`` when that is null).
+      delta: the delta of the reported (epsilon, delta); null: 1 / population^1.1. At most
+        1 / population (client level) or 1 / the largest client's examples (sample level).
+      accountant: ``rdp`` (Renyi DP; Poisson or fixed-size sampling) or ``pld`` (privacy loss
+        distributions, tighter; Poisson sampling only).
+      max_epsilon: stop (with a checkpoint) before a round would take epsilon above this;
+        null: ``target_epsilon`` if set, else no budget.
+      adaptive_clipping: track a quantile of the update norms (Andrew et al. 2021; client
+        level only); its noisy count is charged to the accountant.
+      target_quantile: the quantile adaptive clipping tracks.
+      clip_learning_rate: adaptive clipping's geometric step size.
+      clipped_count_stddev: noise on the clipped count; null: expected cohort / 20.
+      audit_canaries: canary clients for an empirical lower bound on epsilon in the same run
+        (client level; 0: no audit); each is included with probability 1/2.
+    """
+
+    level: PrivacyLevel = "none"
+    clip_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    accountant: AccountantName = "rdp"
+    max_epsilon: float | None = None
+    adaptive_clipping: bool = False
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: float | None = None
+    audit_canaries: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Simulated secure aggregation (Bonawitz et al. 2017): each client's upload is clipped,
+    quantized into the ring of 32-bit integers and hidden by pairwise masks that cancel in the
+    sum; the server removes the masks of clients that drop out after masking.
+
+    Attributes:
+      enabled: turn it on (the aggregate is then the unweighted mean of delivered clients, or
+        the DP mean at ``privacy.level=client``).
+      clip_norm: the bound on each client's upload that fixes the quantization range (null:
+        ``privacy.clip_norm`` with DP, else ``aggregation.clip_norm``).
+    """
+
+    enabled: bool = False
+    clip_norm: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ByzantineConfig:
+    """Malicious clients: a fixed fraction of the population, chosen once per run.
+
+    Attributes:
+      fraction: share of the population that is malicious.
+      attack: ``sign_flip`` (upload -scale x its update), ``scaling`` (scale x: model
+        replacement), ``gaussian`` (noise of std ``noise_stddev``), ``alie`` (Baruch et al.
+        2019: mean - z std of the benign uploads), ``ipm`` (Xie et al. 2020: -epsilon x the
+        benign mean), ``none``.
+      scale: the factor of ``sign_flip`` and ``scaling``.
+      noise_stddev: the standard deviation of ``gaussian``.
+      alie_z: ``alie``'s z; null: from the cohort and malicious counts as in the paper.
+      ipm_epsilon: ``ipm``'s epsilon.
+    """
+
+    fraction: float = 0.0
+    attack: AttackName = "none"
+    scale: float = 10.0
+    noise_stddev: float = 1.0
+    alie_z: float | None = None
+    ipm_epsilon: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -572,7 +677,35 @@ FIELD_RANGES: dict[type, dict[str, Range]] = {
         "warmup_rounds": at_least(0),
     },
     FedProxConfig: {"mu": at_least(0, "0 is FedAvg")},
-    AggregationConfig: {"clip_norm": positive()},
+    AggregationConfig: {
+        "clip_norm": positive(),
+        "trim_fraction": between(0, 0.5, high_open=True),
+        "byzantine_bound": at_least(0, "null: byzantine.fraction of the cohort, rounded up"),
+        "multi_krum_selected": positive("null: cohort - byzantine_bound"),
+        "norm_bound": positive(),
+        "center_clip_radius": positive(),
+        "center_clip_iters": positive(),
+        "geometric_median_iters": positive(),
+    },
+    PrivacyConfig: {
+        "clip_norm": positive(),
+        "noise_multiplier": positive("null: solved from privacy.target_epsilon"),
+        "target_epsilon": positive(),
+        "delta": between(0, 1, low_open=True, high_open=True),
+        "max_epsilon": positive("null: privacy.target_epsilon, or no budget"),
+        "target_quantile": between(0, 1, low_open=True, high_open=True),
+        "clip_learning_rate": positive(),
+        "clipped_count_stddev": positive("null: expected cohort / 20"),
+        "audit_canaries": at_least(0, "0: no audit"),
+    },
+    SecureAggregationConfig: {"clip_norm": positive("null: the privacy or aggregation clip")},
+    ByzantineConfig: {
+        "fraction": between(0, 1, high_open=True),
+        "scale": Range(),
+        "noise_stddev": positive(),
+        "alie_z": at_least(0, "null: from the cohort and malicious counts"),
+        "ipm_epsilon": positive(),
+    },
     SamplingConfig: {
         "availability": between(0, 1, low_open=True),
         "dropout": between(0, 1, high_open=True),
@@ -809,6 +942,11 @@ class ExperimentConfig:
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=FedAvgConfig)
     aggregation: AggregationConfig = dataclasses.field(default_factory=AggregationConfig)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = dataclasses.field(
+        default_factory=SecureAggregationConfig
+    )
+    byzantine: ByzantineConfig = dataclasses.field(default_factory=ByzantineConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -927,6 +1065,99 @@ class ExperimentConfig:
             raise ConfigError(
                 f"aggregation.transforms: unknown {bad}; valid choices: {sorted(TRANSFORMS)} "
                 "(custom: fedjax_llm.register_transform)."
+            )
+        self._validate_privacy()
+        self._validate_byzantine()
+
+    def _validate_privacy(self) -> None:
+        p, kind = self.privacy, self.sampling.kind
+        if p.level == "none":
+            set_keys = [
+                f"privacy.{name}"
+                for name, unset in (
+                    ("noise_multiplier", None),
+                    ("target_epsilon", None),
+                    ("max_epsilon", None),
+                    ("adaptive_clipping", False),
+                    ("audit_canaries", 0),
+                )
+                if getattr(p, name) != unset
+            ]
+            if set_keys:
+                raise ConfigError(
+                    f"{', '.join(set_keys)} only apply with privacy.level client or sample; "
+                    "set privacy.level or remove them."
+                )
+        else:
+            if p.noise_multiplier is None and p.target_epsilon is None:
+                raise ConfigError(
+                    f"privacy.level={p.level} needs privacy.noise_multiplier (> 0) or "
+                    "privacy.target_epsilon (> 0, solves for the noise multiplier)."
+                )
+            if kind == "availability":
+                raise ConfigError(
+                    "privacy.level needs a sampling the accountant can model: "
+                    "sampling.kind=availability draws clients by their availability, which no "
+                    "accountant here covers. Use sampling.kind=poisson (or uniform with "
+                    "privacy.accountant=rdp)."
+                )
+            if p.accountant == "pld" and kind == "uniform":
+                raise ConfigError(
+                    "privacy.accountant=pld models Poisson sampling, but sampling.kind=uniform "
+                    "draws a fixed number of clients (accounted under replace-one with rdp). "
+                    "Set sampling.kind=poisson or privacy.accountant=rdp."
+                )
+        if p.level == "client" and self.aggregation.aggregator != "mean":
+            raise ConfigError(
+                f"privacy.level=client adds noise calibrated to the sum of clipped updates; "
+                f"aggregation.aggregator={self.aggregation.aggregator!r} has another "
+                "sensitivity that the accountant cannot account for. Use aggregation.aggregator="
+                "mean with client-level DP."
+            )
+        if p.level != "client" and (p.adaptive_clipping or p.audit_canaries):
+            raise ConfigError(
+                "privacy.adaptive_clipping and privacy.audit_canaries apply to client-level DP "
+                "only; set privacy.level=client or turn them off."
+            )
+        if self.secure_aggregation.enabled and self.aggregation.aggregator != "mean":
+            raise ConfigError(
+                "secure_aggregation.enabled: the server only learns the sum of the uploads, so "
+                f"aggregation.aggregator={self.aggregation.aggregator!r} (which needs each "
+                "upload) cannot run; use aggregation.aggregator=mean."
+            )
+
+    def _validate_byzantine(self) -> None:
+        b, a = self.byzantine, self.aggregation
+        if (b.fraction > 0) != (b.attack != "none"):
+            raise ConfigError(
+                f"byzantine.fraction={b.fraction} with byzantine.attack={b.attack!r}: set both "
+                "(a fraction in (0, 1) and an attack) or neither."
+            )
+        n = self.run.num_clients_per_round
+        f = a.byzantine_bound if a.byzantine_bound is not None else math.ceil(b.fraction * n)
+        needs = {
+            "krum": (n > 2 * f + 2, "n > 2f + 2 (Krum's condition)"),
+            "multi_krum": (n > 2 * f + 2, "n > 2f + 2 (Krum's condition)"),
+            "median": (2 * f < n, "f < n / 2"),
+            "geometric_median": (2 * f < n, "f < n / 2"),
+            "trimmed_mean": (
+                math.floor(a.trim_fraction * n) >= f,
+                "floor(aggregation.trim_fraction x n) >= f trimmed on each side",
+            ),
+        }
+        if a.aggregator in needs and f > 0:
+            ok, condition = needs[a.aggregator]
+            if not ok:
+                raise ConfigError(
+                    f"aggregation.aggregator={a.aggregator} cannot tolerate f={f} malicious of "
+                    f"n={n} clients per round (byzantine.fraction={b.fraction}, "
+                    f"aggregation.byzantine_bound={a.byzantine_bound}): it needs {condition}. "
+                    "Sample more clients per round or lower the fraction."
+                )
+        if a.multi_krum_selected is not None and a.multi_krum_selected > n - f:
+            raise ConfigError(
+                f"aggregation.multi_krum_selected={a.multi_krum_selected} must be at most "
+                f"n - f = {n - f} (run.num_clients_per_round minus the Byzantine bound)."
             )
 
 

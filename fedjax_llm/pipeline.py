@@ -20,7 +20,12 @@ a `Gathered`; the round collects the chunk outputs and ``all_gather``s them acro
 
 Round-varying scalars (clip norm, noise multiplier) are declared in ``hyperparams`` with their
 default values; the simulator passes them as arrays in ``HyperParams.values``, so changing them
-never recompiles.
+never recompiles. A transform whose server state sets such a value for the round (adaptive
+clipping's clip norm) declares ``overrides``; the round then gives every piece that value.
+
+Pieces that run a protocol among the round's clients (secure aggregation's pairwise masks) or
+treat clients by id (Byzantine attacks) set ``uses_context``: they then also receive the
+round's `RoundContext` (the whole cohort and a key shared by its clients and the server).
 
 The default pipeline, `default_pipeline`, is no transform and the weighted mean: FedAvg's
 aggregation, bit for bit.
@@ -28,6 +33,7 @@ aggregation, bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -47,6 +53,25 @@ from kernels.pytree import PyTree
 NO_HYPERPARAMS: Mapping[str, float] = MappingProxyType({})
 
 
+class RoundContext(NamedTuple):
+    """What a piece that needs the whole cohort knows about the round.
+
+    Attributes:
+      client_ids: ``[C]`` int32 ids of every slot of the round (padding slots hold any id).
+      participating: ``[C]`` bool, the sampled clients (the cohort that trains and masks).
+      delivered: ``[C]`` bool, the clients whose upload reaches the server.
+      key: a key of the round shared by every client and the server (pairwise seeds of secure
+        aggregation); distinct from every other key of the round.
+      client_id: the id of the client this call serves (an int32 scalar); -1 on the server.
+    """
+
+    client_ids: jax.Array
+    participating: jax.Array
+    delivered: jax.Array
+    key: jax.Array
+    client_id: jax.Array
+
+
 class UploadTransform(NamedTuple):
     """A per-client transform of the upload, applied inside the vmap before aggregation.
 
@@ -63,6 +88,12 @@ class UploadTransform(NamedTuple):
       update: ``(state, stats, key, hparams) -> state``: the server-side update after the round.
       hyperparams: round-varying scalars this transform reads from ``hparams.values``, with
         their defaults.
+      overrides: ``(state) -> {name: scalar}``: round values that the server state sets for
+        the coming round (adaptive clipping's clip norm); they replace the same names in
+        ``hparams.values`` for every piece of the round (clients, aggregator, server). None if
+        the transform sets nothing.
+      uses_context: ``apply`` then takes a keyword argument ``context``, the round's
+        `RoundContext` with ``client_id`` set to the client's.
     """
 
     init: Callable
@@ -70,6 +101,8 @@ class UploadTransform(NamedTuple):
     apply: Callable
     update: Callable
     hyperparams: Mapping[str, float] = NO_HYPERPARAMS
+    overrides: Callable | None = None
+    uses_context: bool = False
 
 
 class Gathered(NamedTuple):
@@ -79,10 +112,12 @@ class Gathered(NamedTuple):
       uploads: per-client pytree ``[C, ...]`` (C includes padding slots).
       weights: ``[C]`` aggregation weights; 0 for padding, dropped clients and clients that
         took no step. Such clients must contribute nothing (their uploads may hold garbage).
+      client_ids: ``[C]`` int32 the slots' client ids (None where a caller gave none).
     """
 
     uploads: PyTree
     weights: jax.Array
+    client_ids: jax.Array | None = None
 
 
 class Aggregator(NamedTuple):
@@ -105,6 +140,8 @@ class Aggregator(NamedTuple):
         By default it is skipped (the server state stays exactly as it was: a momentum or Adam
         server would otherwise move on a zero aggregate). A differentially private aggregator
         sets it, since whether anyone participated must not show in the model.
+      uses_context: ``finalize`` then takes a keyword argument ``context``, the round's
+        `RoundContext` (with ``client_id`` -1).
     """
 
     init: Callable
@@ -114,6 +151,7 @@ class Aggregator(NamedTuple):
     gathers: bool = False
     hyperparams: Mapping[str, float] = NO_HYPERPARAMS
     updates_when_empty: bool = False
+    uses_context: bool = False
 
 
 class AggregationPipeline(NamedTuple):
@@ -187,11 +225,12 @@ def chain(*transforms: UploadTransform) -> UploadTransform:
     def client_init(like):
         return tuple(t.client_init(like) for t in transforms)
 
-    def apply(upload, state, client_state, key, hparams):
+    def apply(upload, state, client_state, key, hparams, context=None):
         keys = jax.random.split(key, len(transforms))
         new_client_states, stats = [], {}
         for t, s, cs, k in zip(transforms, state, client_state, keys, strict=True):
-            upload, cs, part = t.apply(upload, s, cs, k, hparams)
+            extra = {"context": context} if t.uses_context else {}
+            upload, cs, part = t.apply(upload, s, cs, k, hparams, **extra)
             clash = set(part) & set(stats)
             if clash:
                 raise ValueError(f"chained upload transforms both report stats {sorted(clash)}.")
@@ -205,13 +244,47 @@ def chain(*transforms: UploadTransform) -> UploadTransform:
             t.update(s, stats, k, hparams) for t, s, k in zip(transforms, state, keys, strict=True)
         )
 
+    def overrides(state):
+        out = {}
+        for t, s in zip(transforms, state, strict=True):
+            if t.overrides is not None:
+                out.update(t.overrides(s))
+        return out
+
     return UploadTransform(
         init=init,
         client_init=client_init,
         apply=apply,
         update=update,
         hyperparams=merge_hyperparams(*(t.hyperparams for t in transforms)),
+        overrides=overrides if any(t.overrides is not None for t in transforms) else None,
+        uses_context=any(t.uses_context for t in transforms),
     )
+
+
+def with_overrides(transform: UploadTransform, state: PyTree, hparams: Any) -> Any:
+    """The round's `HyperParams` with the values the transform's server state sets.
+
+    Args:
+      transform: the pipeline's (chained) upload transform.
+      state: its server-side state.
+      hparams: the `HyperParams` the simulator passed.
+
+    Returns:
+      ``hparams`` with ``values`` updated by ``transform.overrides(state)`` (unchanged if the
+      transform declares none).
+    """
+    if transform.overrides is None:
+        return hparams
+    values = dict(hparams.values)
+    for name, value in transform.overrides(state).items():
+        if name not in values:
+            raise ValueError(
+                f"an upload transform overrides {name!r}, which nothing declares as a "
+                "hyperparameter; declare it in the transform's hyperparams."
+            )
+        values[name] = jnp.asarray(value, jnp.float32)
+    return hparams._replace(values=values)
 
 
 def clip_upload(hyperparam: str = "clip_norm", default: float = 1.0) -> UploadTransform:
@@ -295,9 +368,51 @@ TRANSFORMS: dict[str, Callable[[Any], UploadTransform]] = {
 }
 """Upload transforms by config name: ``name -> builder(ExperimentConfig)``."""
 
+
+def _robust(name: str) -> Callable[[Any], Aggregator]:
+    """A builder of `fedjax_llm.robustness`'s aggregator ``name`` from ``config.aggregation``."""
+
+    def build(config):
+        from fedjax_llm import robustness
+
+        a, b = config.aggregation, config.byzantine
+        f = a.byzantine_bound
+        if f is None:
+            f = math.ceil(b.fraction * config.run.num_clients_per_round)
+        builders = {
+            "trimmed_mean": lambda: robustness.trimmed_mean_aggregator(a.trim_fraction),
+            "krum": lambda: robustness.krum_aggregator(f),
+            "multi_krum": lambda: robustness.krum_aggregator(
+                f,
+                a.multi_krum_selected or config.run.num_clients_per_round - f,
+            ),
+            "geometric_median": lambda: robustness.geometric_median_aggregator(
+                a.geometric_median_iters
+            ),
+            "norm_bounding": lambda: robustness.norm_bounding_aggregator(a.norm_bound),
+            "centered_clipping": lambda: robustness.centered_clipping_aggregator(
+                a.center_clip_radius, a.center_clip_iters
+            ),
+        }
+        return builders[name]()
+
+    return build
+
+
 AGGREGATORS: dict[str, Callable[[Any], Aggregator]] = {
     "mean": lambda config: weighted_mean(),
     "median": lambda config: coordinate_median_aggregator(),
+    **{
+        name: _robust(name)
+        for name in (
+            "trimmed_mean",
+            "krum",
+            "multi_krum",
+            "geometric_median",
+            "norm_bounding",
+            "centered_clipping",
+        )
+    },
 }
 """Aggregators by config name: ``name -> builder(ExperimentConfig)``."""
 

@@ -17,7 +17,8 @@ Keys of a round (all derived from ``round_key``, none used twice): client i's ke
 ``k_i = fold_in(round_key, i)`` splits into its batch-order key and its local-step keys, and
 ``fold_in(k_i, 2)`` is its upload-transform key; the server side uses
 ``fold_in(round_key, 2**32 - 1)`` (client ids are below it), split into the aggregator's,
-the transform update's and the server update's keys.
+the transform update's and the server update's keys; ``fold_in(round_key, 2**32 - 2)`` is the
+`RoundContext` key shared by the cohort and the server (secure aggregation's pair seeds).
 """
 
 from __future__ import annotations
@@ -36,15 +37,19 @@ from fedjax_llm.pipeline import (
     AggregationPipeline,
     Gathered,
     PipelineState,
+    RoundContext,
     default_pipeline,
     init_pipeline_state,
     merge_hyperparams,
+    with_overrides,
 )
 from fedjax_llm.sampling import Cohort
 from kernels.pytree import PyTree
 
 SERVER_STREAM = 2**32 - 1
 """``fold_in`` data of the round's server-side key (client ids are always below it)."""
+CONTEXT_STREAM = 2**32 - 2
+"""``fold_in`` data of the round's shared `RoundContext` key."""
 UPLOAD_STREAM = 2
 """``fold_in`` data of a client's upload-transform key (its key's split uses 0 and 1)."""
 CLIENT_AXIS = "clients"
@@ -211,8 +216,10 @@ def make_client_update(
 
     Returns:
       ``client_update(frozen, broadcast, transform_state, client_state, data, client_id,
-      participating, delivered, round_key, hparams) -> ClientResult``. It is what the round
-      vmaps over clients, and can be jitted alone to train clients one at a time.
+      participating, delivered, round_key, hparams, context=None) -> ClientResult``. It is
+      what the round vmaps over clients, and can be jitted alone to train clients one at a
+      time. ``context`` is the round's `RoundContext`, needed only by transforms that set
+      ``uses_context``.
     """
     transform = (pipeline or default_pipeline()).transform
 
@@ -227,6 +234,7 @@ def make_client_update(
         delivered,
         round_key,
         hparams,
+        context=None,
     ):
         key = jax.random.fold_in(round_key, client_id)
         upload_key = jax.random.fold_in(jax.random.clone(key), UPLOAD_STREAM)
@@ -257,8 +265,13 @@ def make_client_update(
         output, new_algorithm_state = algorithm.client_final(
             broadcast, train_state, client_state.algorithm, hparams
         )
+        extra = {}
+        if transform.uses_context:
+            if context is None:
+                raise ValueError("this upload transform needs the round's context (the cohort).")
+            extra["context"] = context._replace(client_id=jnp.asarray(client_id, jnp.int32))
         upload, new_transform_state, stats = transform.apply(
-            output, transform_state, client_state.transform, upload_key, hparams
+            output, transform_state, client_state.transform, upload_key, hparams, **extra
         )
         participating = jnp.asarray(participating, jnp.float32)
         # Only a participating client can deliver (whatever a hand-made cohort says).
@@ -279,6 +292,17 @@ def make_client_update(
         )
 
     return client_update
+
+
+def round_context(cohort: Cohort, round_key: jax.Array) -> RoundContext:
+    """The round's `RoundContext` as the server sees it (``client_id`` -1)."""
+    return RoundContext(
+        client_ids=jnp.asarray(cohort.client_ids, jnp.int32),
+        participating=jnp.asarray(cohort.participating, bool),
+        delivered=jnp.logical_and(cohort.delivered, cohort.participating),
+        key=jax.random.fold_in(jax.random.clone(round_key), CONTEXT_STREAM),
+        client_id=jnp.asarray(-1, jnp.int32),
+    )
 
 
 def round_keys(round_key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -406,9 +430,13 @@ def make_round_fn(
     pipeline = pipeline or default_pipeline()
     aggregator = pipeline.aggregator
     client_update = make_client_update(algorithm, objective, schedule, pipeline, uniform_weighting)
-    vmapped = jax.vmap(client_update, in_axes=(None, None, None, 0, None, 0, 0, 0, None, None))
+    vmapped = jax.vmap(
+        client_update, in_axes=(None, None, None, 0, None, 0, 0, 0, None, None, None)
+    )
 
-    def train_clients(frozen, broadcast, pipeline_state, states, data, cohort, round_key, hparams):
+    def train_clients(
+        frozen, broadcast, pipeline_state, states, data, cohort, round_key, hparams, context
+    ):
         """Trains one device's slots chunk by chunk; returns accumulator, stats and results."""
         num_slots = cohort.client_ids.shape[0]
         chunk = clients_per_chunk or num_slots
@@ -435,6 +463,7 @@ def make_round_fn(
                 delivered,
                 round_key,
                 hparams,
+                context,
             )
 
         chunk_inputs = (
@@ -475,7 +504,7 @@ def make_round_fn(
         unchunk = functools.partial(jax.tree.map, lambda x: x.reshape((-1,) + x.shape[2:]))
         ys = unchunk(ys)
         if aggregator.gathers:
-            acc = Gathered(ys[3], ys[1])
+            acc = Gathered(ys[3], ys[1], jnp.asarray(cohort.client_ids, jnp.int32))
         return acc, stats, ys[0], ys[1], ys[2]
 
     train_all = train_clients
@@ -494,17 +523,19 @@ def make_round_fn(
         train_all = jax.shard_map(
             train_local_clients,
             mesh=mesh,
-            in_specs=(P(), P(), P(), shard, P(), shard, P(), P()),
+            in_specs=(P(), P(), P(), shard, P(), shard, P(), P(), P()),
             out_specs=(P(), P(), shard, shard, shard),
             check_vma=False,
         )
 
     def round_fn(frozen, state, data, cohort, round_key, hparams):
         frozen = _frozen_of(algorithm, frozen, state.server)
+        hparams = with_overrides(pipeline.transform, state.pipeline.transform, hparams)
         broadcast = algorithm.broadcast(state.server)
         states = jax.tree.map(lambda s: s[cohort.client_ids], state.clients)
+        context = round_context(cohort, round_key) if pipeline.transform.uses_context else None
         acc, stats, new_states, weights, metrics = train_all(
-            frozen, broadcast, state.pipeline, states, data, cohort, round_key, hparams
+            frozen, broadcast, state.pipeline, states, data, cohort, round_key, hparams, context
         )
         like = upload_shape(
             algorithm,
@@ -568,8 +599,11 @@ def finish_round(
       The new `RoundState` and the `RoundOutput`.
     """
     aggregator_key, transform_key, update_key = round_keys(round_key)
+    extra = (
+        {"context": round_context(cohort, round_key)} if pipeline.aggregator.uses_context else {}
+    )
     aggregate, aggregator_state, aggregator_metrics = pipeline.aggregator.finalize(
-        state.pipeline.aggregator, accumulated, aggregator_key, hparams
+        state.pipeline.aggregator, accumulated, aggregator_key, hparams, **extra
     )
     aggregate = jax.tree.map(lambda a, x: a.astype(x.dtype), aggregate, upload_like)
     transform_state = pipeline.transform.update(
@@ -643,7 +677,9 @@ def make_sequential_round(
         return aggregator.start(state.pipeline.aggregator, _upload_like(state, hparams))
 
     @jax.jit
-    def one_client(frozen, broadcast, state, data, client_id, delivered, round_key, hparams, acc):
+    def one_client(
+        frozen, broadcast, state, data, client_id, delivered, round_key, hparams, acc, context
+    ):
         # One dispatch per client: gather its state, train it, add its upload to the sums.
         client_state = jax.tree.map(lambda s: s[client_id], state.clients)
         result = client_update(
@@ -657,6 +693,7 @@ def make_sequential_round(
             delivered,
             round_key,
             hparams,
+            context,
         )
         if not aggregator.gathers:
             one = jax.tree.map(lambda x: x[None], (result.upload, result.weight))
@@ -683,10 +720,14 @@ def make_sequential_round(
 
     def round_fn(frozen, state, data, cohort, round_key, hparams):
         frozen = _frozen_of(algorithm, frozen, state.server)
+        hparams = with_overrides(pipeline.transform, state.pipeline.transform, hparams)
         broadcast = broadcast_fn(state.server)
         keep = np.flatnonzero(np.asarray(cohort.participating))
         ids = np.asarray(cohort.client_ids)[keep]
         delivered = np.asarray(cohort.delivered)[keep]
+        sub = Cohort(jnp.asarray(ids), jnp.ones(len(ids), bool), jnp.asarray(delivered))
+        # The context of the participating clients only: the same cohort as the compiled round.
+        context = round_context(sub, round_key) if pipeline.transform.uses_context else None
         acc = () if aggregator.gathers else start(state, hparams)
         results = []
         for cid, ok in zip(ids, delivered, strict=True):
@@ -700,13 +741,13 @@ def make_sequential_round(
                 round_key,
                 hparams,
                 acc,
+                context,
             )
             results.append(result)
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
         if aggregator.gathers:
-            acc = Gathered(stacked.upload, stacked.weight)
+            acc = Gathered(stacked.upload, stacked.weight, jnp.asarray(ids, jnp.int32))
         stats = jax.tree.map(jnp.sum, stacked.stats)
-        sub = Cohort(jnp.asarray(ids), jnp.ones(len(ids), bool), jnp.asarray(delivered))
         return finish(
             state,
             sub,

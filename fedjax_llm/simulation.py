@@ -71,8 +71,12 @@ from fedjax_llm.pipeline import (
     TRANSFORMS,
     AggregationPipeline,
     chain,
+    clip_upload,
     merge_hyperparams,
 )
+from fedjax_llm.privacy.mechanisms import adaptive_clip, dp_mean, dp_sgd_objective
+from fedjax_llm.privacy.plan import PrivacyPlan, RunPrivacy, make_privacy_plan
+from fedjax_llm.robustness import malicious_clients, with_attack
 from fedjax_llm.round import (
     CLIENT_AXIS,
     ClientData,
@@ -323,13 +327,28 @@ class Simulation:
             self.trainable.apply, pad_id, config
         )
         self.algorithm = algorithm or build_algorithm(config)
-        self.pipeline = pipeline or build_pipeline(config)
         if sampler is None and config.run.num_clients_per_round > self.num_clients:
             raise ConfigError(
                 f"run.num_clients_per_round={config.run.num_clients_per_round} exceeds the "
                 f"{self.num_clients} clients of the data; sample fewer clients per round."
             )
         self.sampler = sampler or build_sampler(config, self.num_clients)
+        self.privacy_plan = make_privacy_plan(
+            config,
+            self.sampler,
+            self.num_clients,
+            np.asarray(train.client_count),
+            int(np.max(train.client_count)),
+        )
+        if self.privacy_plan is not None and self.privacy_plan.level == "sample":
+            self.objective = dp_sgd_objective(
+                self.objective, self.privacy_plan.clip_norm, self.privacy_plan.noise_multiplier
+            )
+        self.pipeline = pipeline or build_pipeline(
+            config, self.num_clients, self.sampler, self.privacy_plan
+        )
+        # The accountant of the rounds that ran (restored with a checkpoint).
+        self.privacy = RunPrivacy(self.privacy_plan) if self.privacy_plan is not None else None
         devices = 1 if self.mesh is None else self.mesh.size
         self.slots = cohort_slots(self.sampler.max_cohort, config.run.clients_per_chunk, devices)
         examples = train.examples
@@ -414,6 +433,8 @@ class Simulation:
                 self.objective,
             )
         self.history: list[dict] = []
+        # Set when a run stops before its last round because of the privacy budget.
+        self.stopped_by_budget: str | None = None
         self.start_round = 0
         self.compile_time_s: float | None = None
         self.checkpointer: Checkpointer | None = None
@@ -478,12 +499,15 @@ class Simulation:
         }
 
     def _metadata(self, round_num: int) -> dict:
-        return {
+        meta = {
             "round": round_num,
             "history": self.history,
             "config": config_to_dict(self.config),
             "trainable_mode": self.config.trainable.mode,
         }
+        if self.privacy is not None:
+            meta["privacy"] = self.privacy.state()
+        return meta
 
     def _prepare_run_dir(self) -> None:
         run = self.config.run
@@ -566,6 +590,14 @@ class Simulation:
         self.train_key = jax.random.wrap_key_data(jnp.asarray(state["train_key"]))
         self.history = meta["history"]
         self.start_round = round_num
+        if self.privacy is not None:
+            if "privacy" not in meta:
+                raise ConfigError(
+                    f"checkpoint {self.checkpointer.path(round_num)} holds no privacy "
+                    "accountant state, so the epsilon of its rounds is unknown; it was not made "
+                    "by a private run of this config."
+                )
+            self.privacy.load_state(meta["privacy"])
 
     # ----------------------------------------------------------------------------- eval
     def evaluate(self) -> dict:
@@ -717,8 +749,13 @@ class Simulation:
             state_bytes = tree_bytes(self._state())
             progress.log(f"compiled the round in {compile_s:.2f} s")
             end = min(run.num_rounds, run.stop_after or run.num_rounds)
+            saved = self.start_round
+            budget_stop = None
             with progress:
                 for r in range(self.start_round, end):
+                    budget_stop = self._budget_exceeded(r)
+                    if budget_stop is not None:
+                        break
                     t0 = time.perf_counter()
                     out, cohort = self.run_round(r)
                     wall = time.perf_counter() - t0
@@ -743,16 +780,26 @@ class Simulation:
                     if run.save_checkpoints and (
                         (every and completed % every == 0) or completed == end
                     ):
-                        record["checkpoint_bytes"] = state_bytes
-                        t0 = time.perf_counter()
-                        self.checkpointer.save(completed, self._state(), self._metadata(completed))
-                        record["checkpoint_time_s"] = time.perf_counter() - t0
-                        last_good = self.checkpointer.path(completed)
+                        self._save(completed, record, state_bytes)
+                        saved, last_good = completed, self.checkpointer.path(completed)
                     writer.write(record)
                     if completed % run.log_every == 0:
                         progress.update(
                             completed, f"loss {record['train_loss']:.4f}", round_time_s=wall
                         )
+            if budget_stop is not None:
+                if run.save_checkpoints and saved != completed:
+                    self._save(completed, None, state_bytes)
+                    last_good = self.checkpointer.path(completed)
+                self.stopped_by_budget = (
+                    f"privacy budget reached: round {completed + 1} would take epsilon to "
+                    f"{budget_stop:.4g}, above {self.privacy_plan.max_epsilon:g}; stopped after "
+                    f"{completed} rounds at epsilon {self.privacy.epsilon():.4g} (delta "
+                    f"{self.privacy_plan.delta:.3g})"
+                    + (f", checkpoint {last_good}" if last_good else "")
+                    + "."
+                )
+                progress.log(self.stopped_by_budget)
             self._write_summary(progress)
         except KeyboardInterrupt as err:
             raise RunInterrupted(
@@ -765,6 +812,22 @@ class Simulation:
             client_writer.close()
             self.checkpointer.close()
         return self.history
+
+    def _save(self, completed: int, record: dict | None, state_bytes: int) -> None:
+        assert self.checkpointer is not None
+        t0 = time.perf_counter()
+        self.checkpointer.save(completed, self._state(), self._metadata(completed))
+        if record is not None:
+            record["checkpoint_bytes"] = state_bytes
+            record["checkpoint_time_s"] = time.perf_counter() - t0
+
+    def _budget_exceeded(self, round_num: int) -> float | None:
+        """The epsilon round ``round_num`` would reach if it exceeds the budget, else None."""
+        if self.privacy is None or self.privacy_plan.max_epsilon is None:
+            return None
+        ids = self.sampler.sample(round_num)
+        after = self.privacy.epsilon_after(ids)
+        return after if after > self.privacy_plan.max_epsilon else None
 
     def _checked_evaluate(
         self, completed: int, last_good: str | None, client_writer: MetricsWriter
@@ -811,6 +874,10 @@ class Simulation:
             record["tokens_per_s"] = record["tokens"] / wall
         for name, value in out.pipeline.items():
             record[f"pipeline/{name}"] = float(value)
+        if self.privacy is not None:
+            self.privacy.record_round(cohort.client_ids[cohort.participating])
+            record["privacy/epsilon"] = self.privacy.epsilon()
+            record["privacy/delta"] = self.privacy_plan.delta
         return record
 
     # ----------------------------------------------------------------------------- output
@@ -838,6 +905,8 @@ class Simulation:
                 + f", every {c.run.checkpoint_every or 'last'} round(s), newest "
                 f"{c.run.keep_checkpoints} kept"
             )
+        if self.privacy_plan is not None:
+            progress.log(self.privacy_plan.describe())
         for note in self.notes:
             progress.log(note)
 
@@ -854,8 +923,26 @@ class Simulation:
             "after": evals[-1] if evals else {},
             "wall_time_s": self.wall_time_breakdown(),
         }
+        if self.privacy is not None:
+            plan = self.privacy_plan
+            summary["privacy"] = {
+                "level": plan.level,
+                "epsilon": self.privacy.epsilon(),
+                "delta": plan.delta,
+                "noise_multiplier": plan.noise_multiplier,
+                "update_noise_multiplier": plan.update_noise_multiplier,
+                "clip_norm": plan.clip_norm,
+                "accountant": plan.accountant,
+                "max_epsilon": plan.max_epsilon,
+                "stopped_by_budget": self.stopped_by_budget,
+            }
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
+        if self.verbose and self.privacy is not None:
+            progress.console.print(
+                f"privacy: epsilon {summary['privacy']['epsilon']:.4g} at delta "
+                f"{self.privacy_plan.delta:.3g} ({self.privacy_plan.accountant} accountant)"
+            )
         if self.verbose and evals:
             keys = [k for k in evals[-1] if k.startswith(("eval/", "client/"))]
             progress.console.print(
@@ -902,11 +989,54 @@ def run_keys(config: ExperimentConfig) -> RunKeys:
     return RunKeys(*jax.random.split(jax.random.key(config.run.seed), 3))
 
 
-def build_pipeline(config: ExperimentConfig) -> AggregationPipeline:
-    """The aggregation pipeline ``config.aggregation`` names: its transforms, then aggregator."""
-    a = config.aggregation
+def build_pipeline(
+    config: ExperimentConfig,
+    num_clients: int,
+    sampler: ClientSampler,
+    privacy: PrivacyPlan | None = None,
+) -> AggregationPipeline:
+    """The aggregation pipeline a config names.
+
+    ``aggregation.transforms`` in order; then, with client-level DP, the clip of each client's
+    whole upload (fixed or adaptive) and the noised fixed-denominator mean in place of
+    ``aggregation.aggregator``; with ``byzantine.fraction`` the malicious clients' attack in
+    front of the aggregator.
+
+    Args:
+      config: the experiment config.
+      num_clients: the population.
+      sampler: the run's client sampler (its expected cohort is DP's denominator).
+      privacy: the run's `PrivacyPlan` (None: no DP).
+    """
+    a, b = config.aggregation, config.byzantine
     transforms = [TRANSFORMS[name](config) for name in a.transforms]
-    return AggregationPipeline(chain(*transforms), AGGREGATORS[a.aggregator](config))
+    if privacy is not None and privacy.level == "client":
+        expected = sampler.expected_cohort
+        if privacy.clipped_count_stddev is not None:
+            p = config.privacy
+            transforms.append(
+                adaptive_clip(
+                    privacy.clip_norm,
+                    p.target_quantile,
+                    p.clip_learning_rate,
+                    privacy.clipped_count_stddev,
+                    expected,
+                )
+            )
+        else:
+            transforms.append(clip_upload(default=privacy.clip_norm))
+        aggregator = dp_mean(expected, privacy.update_noise_multiplier, privacy.clip_norm)
+    else:
+        aggregator = AGGREGATORS[a.aggregator](config)
+    if b.fraction > 0:
+        table = malicious_clients(num_clients, b.fraction, config.run.seed)
+        aggregator = with_attack(aggregator, table, b.attack, b)
+    try:
+        transform = chain(*transforms)
+        merge_hyperparams(transform.hyperparams, aggregator.hyperparams)
+    except ValueError as err:
+        raise ConfigError(f"aggregation / privacy: {err}") from None
+    return AggregationPipeline(transform, aggregator)
 
 
 def build_sampler(config: ExperimentConfig, num_clients: int) -> ClientSampler:

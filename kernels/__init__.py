@@ -11,16 +11,62 @@ from kernels.aggregation import (
     weighted_sum_init,
     weighted_sum_update,
 )
+from kernels.attacks import alie, alie_z, gaussian_noise_attack, ipm, scaling, sign_flip
 from kernels.clipping import clip_by_global_norm, global_norm
+from kernels.dp_noise import add_gaussian_noise, gaussian_noise_like
 from kernels.pytree import PyTree
-from kernels.robust import coordinate_median
+from kernels.robust import (
+    centered_clipping,
+    coordinate_median,
+    flatten_clients,
+    geometric_median,
+    krum,
+    krum_scores,
+    krum_selection,
+    norm_bounded_mean,
+    trimmed_mean,
+)
+from kernels.secure_aggregation import (
+    client_mask,
+    dequantize_sum,
+    dropout_correction,
+    mask_upload,
+    masked_bytes_per_client,
+    pair_mask,
+    quantize,
+    ring_scale,
+)
 
 __all__ = [
     "PyTree",
     "WeightedSum",
+    "add_gaussian_noise",
+    "alie",
+    "alie_z",
+    "centered_clipping",
+    "client_mask",
     "clip_by_global_norm",
     "coordinate_median",
+    "dequantize_sum",
+    "dropout_correction",
+    "gaussian_noise_like",
+    "flatten_clients",
+    "gaussian_noise_attack",
+    "geometric_median",
     "global_norm",
+    "ipm",
+    "krum",
+    "krum_scores",
+    "krum_selection",
+    "mask_upload",
+    "masked_bytes_per_client",
+    "norm_bounded_mean",
+    "pair_mask",
+    "quantize",
+    "ring_scale",
+    "scaling",
+    "sign_flip",
+    "trimmed_mean",
     "weighted_mean",
     "weighted_sum_finalize",
     "weighted_sum_init",

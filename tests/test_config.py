@@ -67,7 +67,7 @@ def test_overrides_apply_to_nested_keys():
         (["--algorithm.mu", "0.1"], "algorithm.type"),
         (["--algorithm.type", "fedprox", "--algorithm.mu", "-1"], "algorithm.mu"),
         (["--algorithm.type", "scaffold", "--client.optimizer", "adamw"], "plain SGD"),
-        (["--aggregation.aggregator", "krum"], "mean.*median"),
+        (["--aggregation.aggregator", "bulyan"], "krum.*mean.*median"),
         (["--aggregation.transforms", "[clip,zip]"], "zip"),
         (["--client.objective", "dpo"], "next_token"),
         (["--client.lr", "0"], "client.lr=0.0 must be positive"),
