@@ -98,7 +98,9 @@ from fedjax_llm.sampling import (
     cohort_slots,
     make_cohort,
 )
+from fedjax_llm.secure_aggregation import secure_masking, secure_mean
 from kernels.pytree import PyTree
+from kernels.secure_aggregation import masked_bytes_per_client
 
 
 class DivergenceError(UserError, RuntimeError):
@@ -708,6 +710,8 @@ class Simulation:
         like = upload_shape(
             self.algorithm, self.pipeline, self.state.server, one, self.hyperparams(0)
         )
+        # Values per upload: secure aggregation sends each as one 32-bit ring element.
+        self._upload_params = sum(math.prod(x.shape) for x in jax.tree.leaves(like))
         return tree_bytes(broadcast), tree_bytes(like)
 
     def run(self) -> list[dict]:
@@ -869,6 +873,12 @@ class Simulation:
             "bytes_down": down_bytes * sampled,
             "bytes_up": up_bytes * int(cohort.delivered.sum()),
         }
+        if self.config.secure_aggregation.enabled:
+            # The masked payload is as large as the float32 one; the protocol's keys and
+            # secret shares are extra, for every sampled client (dropped ones included).
+            extra = masked_bytes_per_client(self._upload_params, max(sampled - 1, 0))
+            record["secagg/extra_bytes_per_client"] = extra["extra_bytes"]
+            record["bytes_up"] += extra["extra_bytes"] * sampled
         if "tokens" in out.metrics:
             record["tokens"] = float(out.metrics["tokens"])
             record["tokens_per_s"] = record["tokens"] / wall
@@ -1010,7 +1020,8 @@ def build_pipeline(
     """
     a, b = config.aggregation, config.byzantine
     transforms = [TRANSFORMS[name](config) for name in a.transforms]
-    if privacy is not None and privacy.level == "client":
+    client_dp = privacy is not None and privacy.level == "client"
+    if client_dp:
         expected = sampler.expected_cohort
         if privacy.clipped_count_stddev is not None:
             p = config.privacy
@@ -1028,6 +1039,19 @@ def build_pipeline(
         aggregator = dp_mean(expected, privacy.update_noise_multiplier, privacy.clip_norm)
     else:
         aggregator = AGGREGATORS[a.aggregator](config)
+    if config.secure_aggregation.enabled:
+        clip = (
+            privacy.clip_norm
+            if client_dp
+            else config.secure_aggregation.clip_norm or config.aggregation.clip_norm
+        )
+        transforms.append(secure_masking(sampler.max_cohort, clip))
+        aggregator = secure_mean(
+            sampler.max_cohort,
+            clip,
+            expected_clients=sampler.expected_cohort if client_dp else None,
+            noise_multiplier=privacy.update_noise_multiplier if client_dp else 0.0,
+        )
     if b.fraction > 0:
         table = malicious_clients(num_clients, b.fraction, config.run.seed)
         aggregator = with_attack(aggregator, table, b.attack, b)
