@@ -45,7 +45,11 @@ SamplerName = Literal["uniform", "poisson", "availability"]
 EngineName = Literal["compiled", "sequential"]
 PrivacyLevel = Literal["none", "client", "sample"]
 AccountantName = Literal["rdp", "pld"]
-AttackName = Literal["none", "sign_flip", "scaling", "gaussian", "alie", "ipm"]
+AttackName = Literal[
+    "none", "sign_flip", "scaling", "gaussian", "alie", "ipm", "label_flip", "backdoor"
+]
+DATA_ATTACKS = ("label_flip", "backdoor")
+"""Attacks that poison the malicious clients' training data instead of their uploads."""
 
 
 class ConfigError(UserError, ValueError):
@@ -470,7 +474,11 @@ class PrivacyConfig:
       clip_learning_rate: adaptive clipping's geometric step size.
       clipped_count_stddev: noise on the clipped count; null: expected cohort / 20.
       audit_canaries: canary clients for an empirical lower bound on epsilon in the same run
-        (client level; 0: no audit); each is included with probability 1/2.
+        (client level, Poisson sampling; 0: no audit); each is included with probability 1/2.
+        They are extra clients: the population (and q) grows by this many.
+      audit_holdout_clients: real clients of which each is held out of training with
+        probability 1/2, for a loss-based membership-inference attack on held-in vs held-out
+        clients (0: none).
     """
 
     level: PrivacyLevel = "none"
@@ -485,6 +493,7 @@ class PrivacyConfig:
     clip_learning_rate: float = 0.2
     clipped_count_stddev: float | None = None
     audit_canaries: int = 0
+    audit_holdout_clients: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -513,11 +522,17 @@ class ByzantineConfig:
       attack: ``sign_flip`` (upload -scale x its update), ``scaling`` (scale x: model
         replacement), ``gaussian`` (noise of std ``noise_stddev``), ``alie`` (Baruch et al.
         2019: mean - z std of the benign uploads), ``ipm`` (Xie et al. 2020: -epsilon x the
-        benign mean), ``none``.
+        benign mean), ``label_flip`` (their training responses replaced by responses of other
+        labels), ``backdoor`` (their training prompts get ``trigger`` and the response
+        ``target``; eval/backdoor_success measures it), ``none``.
       scale: the factor of ``sign_flip`` and ``scaling``.
       noise_stddev: the standard deviation of ``gaussian``.
       alie_z: ``alie``'s z; null: from the cohort and malicious counts as in the paper.
       ipm_epsilon: ``ipm``'s epsilon.
+      poison_fraction: ``label_flip``/``backdoor``: share of a malicious client's training
+        examples poisoned.
+      trigger: ``backdoor``: the phrase appended to poisoned prompts.
+      target: ``backdoor``: the response poisoned prompts are trained to give.
     """
 
     fraction: float = 0.0
@@ -526,6 +541,9 @@ class ByzantineConfig:
     noise_stddev: float = 1.0
     alie_z: float | None = None
     ipm_epsilon: float = 0.5
+    poison_fraction: float = 1.0
+    trigger: str = " cf"
+    target: str = "HACKED"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -697,6 +715,7 @@ FIELD_RANGES: dict[type, dict[str, Range]] = {
         "clip_learning_rate": positive(),
         "clipped_count_stddev": positive("null: expected cohort / 20"),
         "audit_canaries": at_least(0, "0: no audit"),
+        "audit_holdout_clients": at_least(0, "0: no membership-inference attack"),
     },
     SecureAggregationConfig: {"clip_norm": positive("null: the privacy or aggregation clip")},
     ByzantineConfig: {
@@ -705,6 +724,7 @@ FIELD_RANGES: dict[type, dict[str, Range]] = {
         "noise_stddev": positive(),
         "alie_z": at_least(0, "null: from the cohort and malicious counts"),
         "ipm_epsilon": positive(),
+        "poison_fraction": between(0, 1, low_open=True),
     },
     SamplingConfig: {
         "availability": between(0, 1, low_open=True),
@@ -994,11 +1014,13 @@ class ExperimentConfig:
             raise ConfigError(
                 "data.partitioner=natural splits real data by a column; it needs data.source=file."
             )
-        if d.num_clients is not None and self.run.num_clients_per_round > d.num_clients:
+        canaries = self.privacy.audit_canaries
+        if d.num_clients is not None and self.run.num_clients_per_round > d.num_clients + canaries:
             raise ConfigError(
                 f"run.num_clients_per_round={self.run.num_clients_per_round} exceeds "
-                f"data.num_clients={self.data.num_clients}: sample at most as many clients as "
-                "exist, or raise data.num_clients."
+                f"data.num_clients={self.data.num_clients}"
+                + (f" plus privacy.audit_canaries={canaries}" if canaries else "")
+                + ": sample at most as many clients as exist, or raise data.num_clients."
             )
         self._validate_sampling_and_aggregation()
         client = self.client
@@ -1114,6 +1136,21 @@ class ExperimentConfig:
                 "sensitivity that the accountant cannot account for. Use aggregation.aggregator="
                 "mean with client-level DP."
             )
+        if p.audit_canaries and kind != "poisson":
+            raise ConfigError(
+                "privacy.audit_canaries: the one-run audit includes each canary independently "
+                "with probability 1/2, which matches the accounting only under Poisson "
+                f"sampling; set sampling.kind=poisson (not {kind})."
+            )
+        if (
+            p.audit_holdout_clients
+            and self.data.num_clients is not None
+            and (p.audit_holdout_clients > self.data.num_clients // 2)
+        ):
+            raise ConfigError(
+                f"privacy.audit_holdout_clients={p.audit_holdout_clients} must be at most half "
+                f"of data.num_clients={self.data.num_clients}."
+            )
         if p.level != "client" and (p.adaptive_clipping or p.audit_canaries):
             raise ConfigError(
                 "privacy.adaptive_clipping and privacy.audit_canaries apply to client-level DP "
@@ -1154,6 +1191,14 @@ class ExperimentConfig:
                     f"aggregation.byzantine_bound={a.byzantine_bound}): it needs {condition}. "
                     "Sample more clients per round or lower the fraction."
                 )
+        if b.attack in DATA_ATTACKS and self.data.num_clients is None:
+            raise ConfigError(
+                f"byzantine.attack={b.attack} poisons a fraction of the clients, chosen before "
+                "the data are partitioned; set data.num_clients (natural partitions with "
+                "data.num_clients=null are counted only while loading)."
+            )
+        if b.attack == "backdoor" and not b.target.strip():
+            raise ConfigError("byzantine.target must be a non-empty response for a backdoor.")
         if a.multi_krum_selected is not None and a.multi_krum_selected > n - f:
             raise ConfigError(
                 f"aggregation.multi_krum_selected={a.multi_krum_selected} must be at most "

@@ -26,6 +26,7 @@ import numpy as np
 from fedjax_llm.algorithms import Algorithm, HyperParams, build_algorithm
 from fedjax_llm.checkpoint import Checkpointer, CheckpointMismatchError, config_differences
 from fedjax_llm.config import (
+    DATA_ATTACKS,
     ConfigError,
     DataConfig,
     ExperimentConfig,
@@ -35,6 +36,7 @@ from fedjax_llm.config import (
 from fedjax_llm.data import (
     ByteTokenizer,
     ClientArrays,
+    PoisoningSpec,
     TaskData,
     Tokenizer,
     build_file_data,
@@ -74,7 +76,20 @@ from fedjax_llm.pipeline import (
     clip_upload,
     merge_hyperparams,
 )
-from fedjax_llm.privacy.mechanisms import adaptive_clip, dp_mean, dp_sgd_objective
+from fedjax_llm.privacy.audit import canary_audit, membership_inference
+from fedjax_llm.privacy.canaries import (
+    Canaries,
+    canary_scores,
+    canary_uploads,
+    holdout_clients,
+    make_canaries,
+)
+from fedjax_llm.privacy.mechanisms import (
+    NOISE_MULTIPLIER,
+    adaptive_clip,
+    dp_mean,
+    dp_sgd_objective,
+)
 from fedjax_llm.privacy.plan import PrivacyPlan, RunPrivacy, make_privacy_plan
 from fedjax_llm.robustness import malicious_clients, with_attack
 from fedjax_llm.round import (
@@ -319,11 +334,32 @@ class Simulation:
         self.timings["load_time_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.data: TaskData | ClientArrays = (
-            data if data is not None else build_data(config.data, self.tokenizer)
+            data
+            if data is not None
+            else build_data(config.data, self.tokenizer, poisoning_spec(config))
         )
         self.timings["data_time_s"] = time.perf_counter() - t0
         train = self.data if isinstance(self.data, ClientArrays) else self.data.train
-        self.num_clients = train.num_clients
+        p = config.privacy
+        # Audit canaries are extra clients after the real ones; held-out clients are real ones
+        # never sampled. Both are left out of every cohort (see `cohort`).
+        self.canaries = (
+            make_canaries(train.num_clients, p.audit_canaries, config.run.seed)
+            if p.audit_canaries
+            else None
+        )
+        self.holdout = (
+            holdout_clients(train.num_clients, p.audit_holdout_clients, config.run.seed)
+            if p.audit_holdout_clients
+            else None
+        )
+        self.num_clients = train.num_clients + p.audit_canaries
+        self._left_out = np.concatenate(
+            [
+                self.canaries.excluded_ids if self.canaries is not None else [],
+                self.holdout.excluded_ids if self.holdout is not None else [],
+            ]
+        ).astype(np.int32)
         pad_id = self.tokenizer.pad_id if self.tokenizer is not None else 0
         self.objective = objective or OBJECTIVES[config.client.objective](
             self.trainable.apply, pad_id, config
@@ -335,6 +371,14 @@ class Simulation:
                 f"{self.num_clients} clients of the data; sample fewer clients per round."
             )
         self.sampler = sampler or build_sampler(config, self.num_clients)
+        if config.byzantine.attack == "backdoor" and self.tokenizer is not None:
+            need = len(self.tokenizer.encode(config.byzantine.target)) + 1
+            if config.eval.max_new_tokens < need:
+                raise ConfigError(
+                    f"eval.max_new_tokens={config.eval.max_new_tokens} cannot generate the "
+                    f"backdoor target {config.byzantine.target!r} ({need} tokens with eos), so "
+                    f"eval/backdoor_success would always be 0; set it to at least {need}."
+                )
         self.privacy_plan = make_privacy_plan(
             config,
             self.sampler,
@@ -347,7 +391,7 @@ class Simulation:
                 self.objective, self.privacy_plan.clip_norm, self.privacy_plan.noise_multiplier
             )
         self.pipeline = pipeline or build_pipeline(
-            config, self.num_clients, self.sampler, self.privacy_plan
+            config, self.num_clients, self.sampler, self.privacy_plan, self.canaries
         )
         # The accountant of the rounds that ran (restored with a checkpoint).
         self.privacy = RunPrivacy(self.privacy_plan) if self.privacy_plan is not None else None
@@ -373,6 +417,9 @@ class Simulation:
         params = self.trainable.init(trainable_key, base)
         if init_params is not None:
             params = _checked_init_params(init_params, params)
+        # What the canary audit measures the model's change from (a copy: rounds donate the
+        # state's buffers).
+        self._initial_params = jax.tree.map(jnp.copy, params) if p.audit_canaries else None
         frozen = self.trainable.frozen(base)
         self.state = init_round_state(
             self.algorithm,
@@ -389,8 +436,16 @@ class Simulation:
                 name: jnp.asarray(x, jnp.int32 if name == "tokens" else None)
                 for name, x in examples.items()
             },
-            client_start=jnp.asarray(train.client_start, jnp.int32),
-            client_count=jnp.asarray(train.client_count, jnp.int32),
+            # Canary clients train on client 0's examples (their upload is replaced anyway).
+            client_start=jnp.asarray(
+                np.concatenate([train.client_start, np.full(p.audit_canaries, 0)]), jnp.int32
+            ),
+            client_count=jnp.asarray(
+                np.concatenate(
+                    [train.client_count, np.full(p.audit_canaries, train.client_count[0])]
+                ),
+                jnp.int32,
+            ),
         )
         c = config.client
         self.schedule = LocalSchedule(
@@ -437,6 +492,8 @@ class Simulation:
         self.history: list[dict] = []
         # Set when a run stops before its last round because of the privacy budget.
         self.stopped_by_budget: str | None = None
+        # The empirical privacy checks of the finished run (see `_audit`).
+        self.audit: dict | None = None
         self.start_round = 0
         self.compile_time_s: float | None = None
         self.checkpointer: Checkpointer | None = None
@@ -615,6 +672,14 @@ class Simulation:
             self.eval_step, frozen, params, self.data.eval, self.tokenizer, bs
         )
         out = summarize_global(per_example, self.data.eval)
+        backdoor = getattr(self.data, "backdoor_eval", None)
+        if backdoor is not None:
+            # The attack's success: triggered eval prompts answered with the target exactly.
+            triggered = evaluate_examples(
+                self.eval_step, frozen, params, backdoor, self.tokenizer, bs
+            )
+            if "exact_match" in triggered:
+                out["eval/backdoor_success"] = float(np.mean(triggered["exact_match"]))
         if self.config.eval.per_client:
             test = self.data.client_test
             per_client = evaluate_examples(
@@ -640,6 +705,12 @@ class Simulation:
                     f"hyperparam_schedule sets {unknown}, which nothing declares; declared: "
                     f"{sorted(values)}."
                 )
+            if self.privacy is not None and NOISE_MULTIPLIER in scheduled:
+                raise ConfigError(
+                    f"hyperparam_schedule sets {NOISE_MULTIPLIER!r}, but the privacy "
+                    "accountant is told privacy.noise_multiplier for every round; a schedule "
+                    "may not change the noise of a private run."
+                )
             values.update(scheduled)
         return round_hparams(
             client_learning_rate(c.client, round_num, run.num_rounds),
@@ -650,6 +721,8 @@ class Simulation:
     def cohort(self, round_num: int) -> Cohort:
         """The clients of a round on the padded client axis (a pure function of the round)."""
         ids = self.sampler.sample(round_num)
+        if len(self._left_out):
+            ids = ids[~np.isin(ids, self._left_out)]
         return make_cohort(
             ids, self.slots, self.config.sampling.dropout, self.config.run.seed, round_num
         )
@@ -804,6 +877,7 @@ class Simulation:
                     + "."
                 )
                 progress.log(self.stopped_by_budget)
+            self.audit = self._audit(progress)
             self._write_summary(progress)
         except KeyboardInterrupt as err:
             raise RunInterrupted(
@@ -816,6 +890,94 @@ class Simulation:
             client_writer.close()
             self.checkpointer.close()
         return self.history
+
+    def _audit(self, progress: RoundProgress) -> dict | None:
+        """The empirical privacy checks of a run: the canary audit's epsilon lower bound and
+        the membership-inference attack on held-out clients, next to the accountant's
+        epsilon; written to ``privacy_audit.json``."""
+        if self.canaries is None and self.holdout is None:
+            return None
+        out: dict[str, Any] = {}
+        if self.privacy is not None:
+            out["accountant_epsilon"] = self.privacy.epsilon()
+            out["delta"] = self.privacy_plan.delta
+        if self.canaries is not None:
+            scores = canary_scores(self.canaries, self._initial_params, self.params)
+            m = self.canaries.count
+            grid = sorted({max(1, m // 20), max(1, m // 10), max(1, m // 4), m // 2} - {0})
+            result = canary_audit(
+                scores, self.canaries.included, grid, 0.95, delta=self.privacy_plan.delta
+            )
+            out["canaries"] = {
+                "count": m,
+                "included": int(self.canaries.included.sum()),
+                "guesses": result.num_guesses,
+                "correct": result.num_correct,
+                "epsilon_lower_bound": result.epsilon_lower_bound,
+                "confidence": 0.95,
+                "mean_score_included": float(scores[self.canaries.included].mean()),
+                "mean_score_excluded": float(scores[~self.canaries.included].mean()),
+            }
+            if 2 * m * self.privacy_plan.delta > 0.05:
+                out["canaries"]["note"] = (
+                    f"2 x canaries x delta = {2 * m * self.privacy_plan.delta:.3g}: the one-run "
+                    "bound pays this term, so it stays loose; set privacy.delta well below "
+                    f"1 / (2 x {m}) for a tight audit."
+                )
+            progress.log(
+                f"privacy audit: {m} canaries, {result.num_correct} of {result.num_guesses} "
+                f"guesses right; empirical epsilon >= {result.epsilon_lower_bound:.3g} (95%) "
+                f"against the accountant's {out.get('accountant_epsilon', float('nan')):.3g}"
+            )
+        if self.holdout is not None and isinstance(self.data, TaskData):
+            losses = self._client_train_losses(self.holdout.candidates)
+            included = self.holdout.included
+            out["membership_inference"] = {
+                "clients_in": int(included.sum()),
+                "clients_out": int((~included).sum()),
+                **membership_inference(-losses[included], -losses[~included]),
+            }
+            progress.log(
+                "membership inference on held-in vs held-out clients: AUC "
+                f"{out['membership_inference']['auc']:.3f}"
+            )
+        with open(os.path.join(self.run_dir, "privacy_audit.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        return out
+
+    def _client_train_losses(self, client_ids: np.ndarray) -> np.ndarray:
+        """Each given client's mean loss on its own training examples (the attack's score)."""
+        train = self.data.train
+        rows = [
+            np.arange(train.client_start[c], train.client_start[c] + train.client_count[c])
+            for c in client_ids
+        ]
+        examples = train.examples
+        subset = dataclasses.replace(
+            examples,
+            tokens=examples.tokens[np.concatenate(rows)],
+            loss_mask=examples.loss_mask[np.concatenate(rows)],
+            prompt_len=examples.prompt_len[np.concatenate(rows)],
+            labels=examples.labels[np.concatenate(rows)],
+            responses=tuple(examples.responses[i] for i in np.concatenate(rows))
+            if examples.responses
+            else examples.responses,
+        )
+        per_example = evaluate_examples(
+            self.eval_step,
+            self.frozen,
+            self.params,
+            subset,
+            self.tokenizer,
+            self.config.eval.batch_size,
+        )
+        bounds = np.cumsum([0] + [len(r) for r in rows])
+        return np.asarray(
+            [
+                per_example["loss_sum"][a:b].sum() / max(per_example["target_tokens"][a:b].sum(), 1)
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+            ]
+        )
 
     def _save(self, completed: int, record: dict | None, state_bytes: int) -> None:
         assert self.checkpointer is not None
@@ -946,6 +1108,8 @@ class Simulation:
                 "max_epsilon": plan.max_epsilon,
                 "stopped_by_budget": self.stopped_by_budget,
             }
+        if self.audit is not None:
+            summary["privacy_audit"] = self.audit
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         if self.verbose and self.privacy is not None:
@@ -1004,6 +1168,7 @@ def build_pipeline(
     num_clients: int,
     sampler: ClientSampler,
     privacy: PrivacyPlan | None = None,
+    canaries: Canaries | None = None,
 ) -> AggregationPipeline:
     """The aggregation pipeline a config names.
 
@@ -1017,12 +1182,15 @@ def build_pipeline(
       num_clients: the population.
       sampler: the run's client sampler (its expected cohort is DP's denominator).
       privacy: the run's `PrivacyPlan` (None: no DP).
+      canaries: the audit's canary clients (their uploads are replaced before clipping).
     """
     a, b = config.aggregation, config.byzantine
     transforms = [TRANSFORMS[name](config) for name in a.transforms]
     client_dp = privacy is not None and privacy.level == "client"
     if client_dp:
         expected = sampler.expected_cohort
+        if canaries is not None:
+            transforms.append(canary_uploads(canaries, privacy.clip_norm))
         if privacy.clipped_count_stddev is not None:
             p = config.privacy
             transforms.append(
@@ -1052,7 +1220,7 @@ def build_pipeline(
             expected_clients=sampler.expected_cohort if client_dp else None,
             noise_multiplier=privacy.update_noise_multiplier if client_dp else 0.0,
         )
-    if b.fraction > 0:
+    if b.fraction > 0 and b.attack not in DATA_ATTACKS:
         table = malicious_clients(num_clients, b.fraction, config.run.seed)
         aggregator = with_attack(aggregator, table, b.attack, b)
     try:
@@ -1217,12 +1385,31 @@ def _read_chat_template(value: str | None) -> str | None:
     return value
 
 
-def build_data(d: DataConfig, tokenizer: Tokenizer) -> TaskData:
+def poisoning_spec(config: ExperimentConfig) -> PoisoningSpec | None:
+    """The data-poisoning attack ``config.byzantine`` names (None for none or an upload
+    attack); the malicious clients are those of `fedjax_llm.robustness.malicious_clients`."""
+    b = config.byzantine
+    if b.attack not in DATA_ATTACKS:
+        return None
+    return PoisoningSpec(
+        kind=b.attack,
+        malicious=malicious_clients(config.data.num_clients, b.fraction, config.run.seed),
+        trigger=b.trigger,
+        target=b.target,
+        fraction=b.poison_fraction,
+        seed=config.run.seed,
+    )
+
+
+def build_data(
+    d: DataConfig, tokenizer: Tokenizer, poisoning: PoisoningSpec | None = None
+) -> TaskData:
     """The federated data of a run: the built-in tasks or a local file, partitioned.
 
     Args:
       d: the data config.
       tokenizer: the run's tokenizer.
+      poisoning: the malicious clients' data poisoning, if any.
 
     Returns:
       The `TaskData`.
@@ -1244,6 +1431,7 @@ def build_data(d: DataConfig, tokenizer: Tokenizer) -> TaskData:
                 eval_examples_per_family=d.eval_examples_per_family,
                 seed=d.seed,
                 tokenizer=tokenizer,
+                poisoning=poisoning,
             )
         return build_file_data(
             d.path,
@@ -1267,6 +1455,7 @@ def build_data(d: DataConfig, tokenizer: Tokenizer) -> TaskData:
             if getattr(tokenizer, "has_chat_template", False)
             else _read_chat_template(d.chat_template),
             sample_by=d.sample_by,
+            poisoning=poisoning,
         )
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"data: {err}") from None

@@ -240,3 +240,65 @@ def test_what_cannot_be_run_or_accounted_is_refused_before_training(make_config,
     message = str(err.value)
     assert needle in message, message
     assert "\n" not in message
+
+
+# ------------------------------------------------------------------------------- audits
+def audit_config(make_config, z: float):
+    return private(
+        make_config,
+        # delta well below 1 / canaries: the one-run bound pays 2 m delta (Steinke et al.).
+        privacy={"noise_multiplier": z, "audit_canaries": 200, "clip_norm": 0.5, "delta": 1e-6},
+        run={"num_rounds": 4, "num_clients_per_round": 150},
+        eval={"every": 0},
+    )
+
+
+@pytest.mark.slow
+def test_the_canary_audit_is_sound_and_flags_a_weakened_mechanism(make_config):
+    """With the noise the accountant is told about, the audit's lower bound stays below the
+    accountant's epsilon; with a tenth of it (the accountant not told), it exceeds it."""
+    sound = Simulation(audit_config(make_config, 6.0), verbose=False)
+    sound.run()
+    claimed = sound.privacy.epsilon()
+    assert 1.0 < claimed < 1.5
+    assert sound.audit["canaries"]["epsilon_lower_bound"] < claimed
+    # The canaries took part: 200 extra clients, included ones sampled, excluded ones never.
+    excluded = set(sound.canaries.excluded_ids.tolist())
+    for r in range(4):
+        ids = set(np.asarray(sound.cohort(r).client_ids)[sound.cohort(r).participating].tolist())
+        assert not ids & excluded
+    weakened = Simulation(audit_config(make_config, 6.0), verbose=False)
+    weakened._hyperparam_defaults["dp_noise_multiplier"] /= 10  # what a bug would do
+    weakened.run()
+    assert weakened.privacy.epsilon() == pytest.approx(claimed)  # the accountant is fooled
+    assert weakened.audit["canaries"]["epsilon_lower_bound"] > claimed
+    written = json.load(open(os.path.join(weakened.run_dir, "privacy_audit.json")))
+    assert written["canaries"]["epsilon_lower_bound"] > written["accountant_epsilon"]
+
+
+def test_held_out_clients_are_never_sampled_and_attacked(make_config):
+    config = make_config(
+        privacy={"audit_holdout_clients": 4},
+        data={"num_clients": 12},
+        run={"num_rounds": 2, "num_clients_per_round": 6},
+    )
+    sim = Simulation(config, verbose=False)
+    sim.run()
+    held_out = set(sim.holdout.excluded_ids.tolist())
+    assert held_out and len(held_out) < 4 or len(held_out) == 4
+    for r in range(2):
+        cohort = sim.cohort(r)
+        assert not set(np.asarray(cohort.client_ids)[cohort.participating].tolist()) & held_out
+    attack = sim.audit["membership_inference"]
+    assert attack["clients_in"] + attack["clients_out"] == 4
+    assert 0.0 <= attack["auc"] <= 1.0
+
+
+def test_a_schedule_may_not_change_the_noise_of_a_private_run(make_config):
+    sim = Simulation(
+        private(make_config),
+        verbose=False,
+        hyperparam_schedule=lambda r: {"dp_noise_multiplier": 0.1},
+    )
+    with pytest.raises(ConfigError, match="accountant"):
+        sim.hyperparams(0)

@@ -13,7 +13,7 @@ import optax
 import pytest
 from test_pipeline import OBJECTIVE
 
-from fedjax_llm import Simulation
+from fedjax_llm import ConfigError, Simulation
 from fedjax_llm.algorithms import make_fedavg
 from fedjax_llm.pipeline import (
     AggregationPipeline,
@@ -132,3 +132,28 @@ def test_a_run_with_an_attack_reports_its_malicious_clients(make_config):
         ids = sim.sampler.sample(r)
         assert record["pipeline/byzantine/malicious"] == table[ids].sum()
         assert record["pipeline/krum/selected"] == 1
+
+
+def test_a_backdoor_run_reports_its_success_rate_next_to_clean_accuracy(make_config):
+    config = make_config(
+        byzantine={"fraction": 0.25, "attack": "backdoor"},
+        run={"num_rounds": 1},
+        eval={"every": 1, "max_new_tokens": 8},
+    )
+    sim = Simulation(config, verbose=False)
+    history = sim.run()
+    assert sim.data.stats["poisoned_examples"] > 0
+    after = history[-1]
+    assert 0.0 <= after["eval/backdoor_success"] <= 1.0
+    assert "eval/exact_match/copy" in after
+    # The poisoned clients are the run's malicious ones; uploads are not attacked on top.
+    assert "pipeline/byzantine/malicious" not in after
+
+
+def test_a_backdoor_target_longer_than_generation_is_refused(make_config):
+    config = make_config(
+        byzantine={"fraction": 0.25, "attack": "backdoor", "target": "A LONG TARGET"},
+        eval={"max_new_tokens": 4},
+    )
+    with pytest.raises(ConfigError, match="eval.max_new_tokens"):
+        Simulation(config, verbose=False)

@@ -1,5 +1,5 @@
-"""Data: tokenization, built-in offline tasks, real datasets from files, partitioners and
-federated datasets (host numpy)."""
+"""Data: tokenization, built-in offline tasks, real datasets from files, partitioners, data
+poisoning and federated datasets (host numpy)."""
 
 from fedjax_llm.data.client_arrays import ClientArrays
 from fedjax_llm.data.federated_dataset import (
@@ -45,6 +45,14 @@ from fedjax_llm.data.partitioners import (
     pathological_partition,
     quantity_skew_partition,
 )
+from fedjax_llm.data.poisoning import (
+    POISONING_KINDS,
+    PoisoningSpec,
+    backdoor_records,
+    check_poisoning,
+    poison_records,
+    select_poisoned,
+)
 from fedjax_llm.data.tasks import (
     DEFAULT_FAMILIES,
     TASK_FAMILIES,
@@ -65,6 +73,7 @@ __all__ = [
     "FORMATS",
     "LOSS_ON",
     "PARTITIONERS",
+    "POISONING_KINDS",
     "SCHEMA_COLUMNS",
     "TASK_FAMILIES",
     "ByteTokenizer",
@@ -74,12 +83,15 @@ __all__ = [
     "HFTokenizer",
     "LoadedDataset",
     "NaturalClients",
+    "PoisoningSpec",
     "TaskData",
     "TaskFamily",
     "TokenizedExamples",
     "Tokenizer",
+    "backdoor_records",
     "build_file_data",
     "build_task_data",
+    "check_poisoning",
     "client_label_counts",
     "dirichlet_partition",
     "format_partition_stats",
@@ -97,10 +109,12 @@ __all__ = [
     "partition_convention",
     "partition_stats",
     "pathological_partition",
+    "poison_records",
     "quantity_skew_partition",
     "records_to_conversations",
     "render_chat",
     "save_partition_report",
+    "select_poisoned",
     "tokenize_conversations",
     "tokenize_documents",
     "tokenize_examples",

@@ -14,7 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from fedjax_llm.config import ConfigError
 from fedjax_llm.data.partitioners import PARTITIONERS, partition, partition_stats
+from fedjax_llm.data.poisoning import (
+    PoisoningSpec,
+    backdoor_records,
+    check_poisoning,
+    poison_records,
+)
 from fedjax_llm.data.tasks import Example, generate_examples, generate_examples_for_labels
 from fedjax_llm.data.tokenizer import Tokenizer
 
@@ -298,13 +305,19 @@ class TaskData:
             `num_eval`, and the fractions of eval and client-test prompts that also occur among the
             training prompts (`eval_prompt_overlap_with_train`,
             `client_test_prompt_overlap_with_train`). Small task spaces (`max` has ~10^5 prompts)
-            make some overlap unavoidable; it is reported rather than hidden.
+            make some overlap unavoidable; it is reported rather than hidden. With data poisoning
+            also `poisoning` (the attack) and `poisoned_examples` (how many training examples it
+            changed), and for a backdoor `num_backdoor_eval`.
+        backdoor_eval: With a backdoor attack (see `fedjax_llm.data.poisoning`): the global eval
+            examples with the trigger in their prompts and the attack's target as the reference
+            response, so exact match on it is the attack success rate; else None.
     """
 
     train: FederatedDataset
     client_test: FederatedDataset
     eval: TokenizedExamples
     stats: dict[str, Any]
+    backdoor_eval: TokenizedExamples | None = None
 
 
 def _derive_seed(seed: int, purpose: int) -> int:
@@ -348,6 +361,97 @@ def _split_train_test(
     return [np.sort(a) for a in train_assign], [np.sort(a) for a in test_assign]
 
 
+def _replace_rows(
+    examples: TokenizedExamples, rows: np.ndarray, new: TokenizedExamples
+) -> TokenizedExamples:
+    """`examples` with rows `rows` replaced by the rows of `new`, in order (copies the arrays)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    tokens, loss_mask = examples.tokens.copy(), examples.loss_mask.copy()
+    prompt_len, labels = examples.prompt_len.copy(), examples.labels.copy()
+    responses = list(examples.responses)
+    tokens[rows], loss_mask[rows] = new.tokens, new.loss_mask
+    prompt_len[rows], labels[rows] = new.prompt_len, new.labels
+    for r, text in zip(rows.tolist(), new.responses, strict=True):
+        responses[r] = text
+    return TokenizedExamples(
+        tokens=tokens,
+        loss_mask=loss_mask,
+        prompt_len=prompt_len,
+        labels=labels,
+        label_names=examples.label_names,
+        responses=tuple(responses),
+    )
+
+
+def _training_owner(train_assign: Sequence[np.ndarray], num_rows: int) -> np.ndarray:
+    """[num_rows] client id of each row that is a training example of that client, else -1."""
+    owner = np.full(num_rows, -1, dtype=np.int64)
+    for m, idx in enumerate(train_assign):
+        owner[np.asarray(idx, dtype=np.int64)] = m
+    return owner
+
+
+def _check_fits(examples: Sequence[Example], tokenizer: Tokenizer, seq_len: int, kind: str) -> None:
+    """Raises a `ConfigError` naming `data.seq_len` if a poisoned example does not fit."""
+    head = 0 if tokenizer.bos_id is None else 1
+    longest = max(
+        (head + len(tokenizer.encode(e.prompt)) + len(tokenizer.encode(e.response)) + 1)
+        for e in examples
+    )
+    if longest > seq_len:
+        raise ConfigError(
+            f"data.seq_len={seq_len} is too short for byzantine.attack={kind}: a poisoned example "
+            f"is {longest} tokens with bos and eos; raise data.seq_len to at least {longest} (or "
+            "shorten the trigger and target)."
+        )
+
+
+def _poison_task_pool(
+    pool_examples: Sequence[Example],
+    pool: TokenizedExamples,
+    train_assign: Sequence[np.ndarray],
+    eval_examples: Sequence[Example],
+    spec: PoisoningSpec,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    label_names: Sequence[str],
+) -> tuple[TokenizedExamples, int, TokenizedExamples | None]:
+    """Poisons the malicious clients' training rows of the built-in pool (see `poison_records`).
+
+    Returns:
+        `(train_pool, num_poisoned, backdoor_eval)`: the pool with the poisoned training rows
+        replaced (test rows untouched), the number of poisoned rows, and the backdoor
+        evaluation set (None for label flipping).
+    """
+    owner = _training_owner(train_assign, len(pool_examples))
+    prompts, responses, poisoned = poison_records(
+        [e.prompt for e in pool_examples],
+        [e.response for e in pool_examples],
+        np.array([e.label for e in pool_examples], dtype=np.int64),
+        owner,
+        spec,
+    )
+    rows = np.flatnonzero(poisoned)
+    changed = [Example(prompts[i], responses[i], pool_examples[i].label) for i in rows.tolist()]
+    backdoor = []
+    if spec.kind == "backdoor":
+        triggered, targets = backdoor_records([e.prompt for e in eval_examples], spec)
+        backdoor = [
+            Example(p, r, e.label)
+            for p, r, e in zip(triggered, targets, eval_examples, strict=True)
+        ]
+    if changed or backdoor:
+        _check_fits(changed + backdoor, tokenizer, seq_len, spec.kind)
+    train_pool = pool
+    if rows.size:
+        new = tokenize_examples(changed, tokenizer, seq_len, label_names)
+        train_pool = _replace_rows(pool, rows, new)
+    backdoor_eval = (
+        tokenize_examples(backdoor, tokenizer, seq_len, label_names) if backdoor else None
+    )
+    return train_pool, int(rows.size), backdoor_eval
+
+
 def partitioner_arguments(partitioner_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     """A partitioner's keyword arguments as JSON values, with `min_examples` defaulting to 2.
 
@@ -375,6 +479,7 @@ def build_task_data(
     eval_examples_per_family: int,
     seed: int,
     tokenizer: Tokenizer,
+    poisoning: PoisoningSpec | None = None,
 ) -> TaskData:
     """Builds the built-in federated instruction data: pool, partition, per-client split, eval.
 
@@ -384,6 +489,10 @@ def build_task_data(
     `[1, n - 1]`. The partitioner is always run with `min_examples >= 2`, which guarantees every
     client at least one train and one test example. Generation, partition, split and eval use
     independent streams derived from `seed`, so the result is deterministic.
+
+    With `poisoning`, the training examples of the malicious clients are poisoned after the split
+    and before they are tokenized (`fedjax_llm.data.poisoning.poison_records`); their test
+    examples and the eval set stay clean. A backdoor also builds `TaskData.backdoor_eval`.
 
     Args:
         families: Task family names (see `TASK_FAMILIES`); their order defines the labels.
@@ -398,11 +507,15 @@ def build_task_data(
         eval_examples_per_family: Examples per family in the global eval set (>= 1).
         seed: Non-negative integer seed.
         tokenizer: Tokenizer, e.g. `ByteTokenizer()`.
+        poisoning: Data poisoning by malicious clients (one `malicious` flag per client); None
+            (the default) builds clean data.
 
     Returns:
         The `TaskData`.
 
     Raises:
+        ConfigError: If `poisoning` is invalid (e.g. not one flag per client) or a poisoned
+            example does not fit `seq_len` (the message names the config key).
         ValueError: If an argument is out of range (the message names it), a family or partitioner
             is unknown, the partitioner rejects its arguments, or an example does not fit `seq_len`.
     """
@@ -426,6 +539,8 @@ def build_task_data(
             f"partitioner: unknown name {partitioner!r}; valid names are {sorted(PARTITIONERS)}."
         )
     kwargs = partitioner_arguments(partitioner_kwargs)
+    if poisoning is not None:
+        poisoning = check_poisoning(poisoning, int(num_clients))
 
     pool_examples = generate_examples(
         families, int(num_clients) * int(examples_per_client), _derive_seed(seed, 0)
@@ -436,14 +551,27 @@ def build_task_data(
     )
 
     train_assign, test_assign = _split_train_test(assignment, test_fraction, _derive_seed(seed, 2))
-    train = make_federated_dataset(pool, train_assign)
-    client_test = make_federated_dataset(pool, test_assign)
 
     eval_rng = np.random.default_rng(_derive_seed(seed, 3))
     # Families interleaved, so any prefix of the eval set is also close to balanced.
     eval_labels = np.tile(np.arange(len(families)), int(eval_examples_per_family))
     eval_examples = generate_examples_for_labels(families, eval_labels, eval_rng)
     eval_set = tokenize_examples(eval_examples, tokenizer, seq_len, families)
+
+    train_pool, num_poisoned, backdoor_eval = pool, 0, None
+    if poisoning is not None:
+        train_pool, num_poisoned, backdoor_eval = _poison_task_pool(
+            pool_examples,
+            pool,
+            train_assign,
+            eval_examples,
+            poisoning,
+            tokenizer,
+            seq_len,
+            families,
+        )
+    train = make_federated_dataset(train_pool, train_assign)
+    client_test = make_federated_dataset(pool, test_assign)
 
     train_prompts = {pool_examples[i].prompt for i in np.concatenate(train_assign).tolist()}
     test_idx = np.concatenate(test_assign).tolist()
@@ -465,4 +593,14 @@ def build_task_data(
             np.mean([pool_examples[i].prompt in train_prompts for i in test_idx])
         ),
     )
-    return TaskData(train=train, client_test=client_test, eval=eval_set, stats=stats)
+    if poisoning is not None:
+        stats.update(poisoning=poisoning.kind, poisoned_examples=num_poisoned)
+        if backdoor_eval is not None:
+            stats.update(num_backdoor_eval=len(backdoor_eval))
+    return TaskData(
+        train=train,
+        client_test=client_test,
+        eval=eval_set,
+        stats=stats,
+        backdoor_eval=backdoor_eval,
+    )

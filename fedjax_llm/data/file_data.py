@@ -13,6 +13,9 @@ built-in tasks. The steps, each with its own random stream derived from `seed`:
    makes one client per value of `client_column` (`"__file__"`: one client per file) and drops
    values with fewer than 2 rows; the other partitioners split by the label column.
 4. Each client's rows are split at random into train and test, exactly as `build_task_data` does.
+5. With a `PoisoningSpec`, the training rows of malicious clients are poisoned at the record level
+   (the user text and the reply of the trained turn, before the chat template renders them) and
+   formatted again in place; test rows and the global eval set stay clean.
 
 Labels are the values of `label_column` (sorted; `"all"` when it is None), so evaluation reports
 loss and perplexity per category. For plain text, exact match means nothing (`responses` are
@@ -27,11 +30,14 @@ from typing import Any
 
 import numpy as np
 
+from fedjax_llm.config import ConfigError
 from fedjax_llm.data.federated_dataset import (
     TaskData,
     TokenizedExamples,
     _derive_seed,
+    _replace_rows,
     _split_train_test,
+    _training_owner,
     make_federated_dataset,
     partitioner_arguments,
 )
@@ -44,6 +50,12 @@ from fedjax_llm.data.formatting import (
 )
 from fedjax_llm.data.loaders import FILE_COLUMN, FORMATS, LoadedDataset, load_records
 from fedjax_llm.data.partitioners import PARTITIONERS, natural_clients, partition, partition_stats
+from fedjax_llm.data.poisoning import (
+    PoisoningSpec,
+    backdoor_records,
+    check_poisoning,
+    poison_records,
+)
 from fedjax_llm.data.tokenizer import Tokenizer
 
 __all__ = ["build_file_data"]
@@ -110,6 +122,87 @@ def _format(
     )
 
 
+def _trained_turn(conversation: Sequence[Mapping[str, str]]) -> tuple[int, int]:
+    """`(prompt message, reply message)` indices of the turn a formatted row generates.
+
+    The reply is the last assistant message after the first message (the reference turn of
+    `tokenize_conversations` when nothing is truncated away); the prompt message is the last user
+    message before it, or the message just before it when no user message precedes it.
+    """
+    reply = max(j for j, m in enumerate(conversation) if m.get("role") == "assistant" and j > 0)
+    users = [j for j in range(reply) if conversation[j].get("role") == "user"]
+    return (users[-1] if users else reply - 1), reply
+
+
+def _retokenize(
+    conversations: Sequence[Sequence[Mapping[str, str]]],
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    format_args: Mapping[str, Any],
+) -> tuple[TokenizedExamples | None, np.ndarray]:
+    """Formats conversations with the trained turn's prompt and reply texts replaced.
+
+    Returns:
+        `(examples, kept)`: the formatted rows (None if every one is dropped as too long) and the
+        indices of the conversations they come from.
+    """
+    changed = []
+    for conv, prompt, response in zip(conversations, prompts, responses, strict=True):
+        conv = [dict(m) for m in conv]
+        p, r = _trained_turn(conv)
+        conv[p]["content"], conv[r]["content"] = prompt, response
+        changed.append(conv)
+    if not changed:
+        return None, np.zeros(0, dtype=np.int64)
+    try:
+        examples, report = tokenize_conversations(changed, **format_args)
+    except ValueError as err:
+        if "dropped all" in str(err):
+            return None, np.zeros(0, dtype=np.int64)
+        raise
+    return examples, report.row_records
+
+
+def _poison_file_pool(
+    pool: TokenizedExamples,
+    conversations: Sequence[Sequence[Mapping[str, str]]],
+    train_assign: Sequence[np.ndarray],
+    labels: np.ndarray | None,
+    spec: PoisoningSpec,
+    format_args: Mapping[str, Any],
+) -> tuple[TokenizedExamples, int, int]:
+    """Poisons the malicious clients' training rows of a formatted pool (see `poison_records`).
+
+    Args:
+        pool: The formatted pool rows.
+        conversations: The conversation of each pool row.
+        train_assign: Each client's training rows.
+        labels: [rows] label per row for label flipping; None: no label column.
+        spec: The attack.
+        format_args: Keyword arguments of `tokenize_conversations`, without `labels`.
+
+    Returns:
+        `(train_pool, num_poisoned, num_skipped)`: the pool with the poisoned training rows
+        replaced, how many were poisoned, and how many poisoned rows were left clean because
+        their poisoned version no longer fits `seq_len`.
+    """
+    turns = [_trained_turn(c) for c in conversations]
+    prompts = [c[p]["content"] for c, (p, _) in zip(conversations, turns, strict=True)]
+    replies = [c[r]["content"] for c, (_, r) in zip(conversations, turns, strict=True)]
+    owner = _training_owner(train_assign, len(pool))
+    prompts, replies, poisoned = poison_records(prompts, replies, labels, owner, spec)
+    rows = np.flatnonzero(poisoned)
+    new, kept = _retokenize(
+        [conversations[i] for i in rows.tolist()],
+        [prompts[i] for i in rows.tolist()],
+        [replies[i] for i in rows.tolist()],
+        {**format_args, "labels": pool.labels[rows]},
+    )
+    if new is None:
+        return pool, 0, int(rows.size)
+    return _replace_rows(pool, rows[kept], new), int(kept.size), int(rows.size - kept.size)
+
+
 def build_file_data(
     path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
@@ -133,6 +226,7 @@ def build_file_data(
     chat_template: str | None = None,
     sample_by: str = "document",
     cache_dir: str | None = None,
+    poisoning: PoisoningSpec | None = None,
 ) -> TaskData:
     """Builds federated task data from local files (or a hub dataset when online).
 
@@ -172,6 +266,12 @@ def build_file_data(
             without one, e.g. `CHATML_TEMPLATE`).
         sample_by: For `.txt` files: `"document"`, `"paragraph"` or `"line"` per record.
         cache_dir: Cache folder of `datasets`.
+        poisoning: Data poisoning by malicious clients (one `malicious` flag per client, in the
+            order of the built clients); None (the default) builds clean data. Label flipping
+            draws the wrong responses from rows of another `label_column` value (any other
+            response without one). A backdoor also builds `TaskData.backdoor_eval` from the
+            global eval rows. Poisoned rows whose poisoned version is dropped as too long for
+            `seq_len` stay clean (counted in `stats["poisoning_skipped"]`).
 
     Returns:
         The `TaskData`. `eval.label_names` are the label values. `stats` holds
@@ -181,7 +281,8 @@ def build_file_data(
         `dropped_by_truncation`, `dropped_empty`, `truncated` summed over both),
         `dropped_clients` (`count`, `examples`, the first 100 `names`), `client_names` (for
         `natural`), `client_num_train`, `client_num_test`, and the arguments that shaped the
-        data.
+        data. With `poisoning` also `poisoning` (the attack), `poisoned_examples`,
+        `poisoning_skipped`, and for a backdoor `num_backdoor_eval`.
 
     Raises:
         FileNotFoundError: If `path` does not exist (see `load_records`).
@@ -189,6 +290,8 @@ def build_file_data(
             column is missing (it lists the columns found), the data is empty or all of it is
             dropped, the tokenizer cannot format instructions, or the partitioner cannot make
             the clients asked for.
+        ConfigError: If `poisoning` is invalid (e.g. not one flag per client), the data is plain
+            text (nothing to poison), or no triggered eval example fits `seq_len`.
     """
     if format not in FORMATS:
         raise ValueError(
@@ -223,6 +326,8 @@ def build_file_data(
     test_fraction = _check_fraction("test_fraction", test_fraction)
     eval_fraction = _check_fraction("eval_fraction", eval_fraction)
     kwargs = partitioner_arguments(partitioner_kwargs)
+    if poisoning is not None:
+        poisoning = check_poisoning(poisoning)
 
     loaded = load_records(
         path,
@@ -238,6 +343,12 @@ def build_file_data(
             "build_file_data cannot train on yet; load them with load_preference_pairs, or pass "
             "format= to read other columns."
         )
+    if poisoning is not None:
+        if loaded.schema == "text":
+            raise ConfigError(
+                f"byzantine.attack={poisoning.kind} needs instruction data (prompt and response); "
+                f"data.format=text has none ({loaded.source!r} was read as plain text)."
+            )
     # Check the columns before any slow work.
     label_values = _column_values(loaded, label_column, "label_column") if label_column else None
     client_values = (
@@ -311,7 +422,46 @@ def build_file_data(
         assignment = partition(partitioner, pool.labels, int(num_clients), part_seed, **kwargs)
         unselected = 0
     train_assign, test_assign = _split_train_test(assignment, test_fraction, _derive_seed(seed, 2))
-    train = make_federated_dataset(pool, train_assign)
+    train_pool, backdoor_eval = pool, None
+    if poisoning is not None:
+        if poisoning.malicious.size != len(train_assign):
+            raise ConfigError(
+                f"byzantine.fraction: the malicious-client mask has {poisoning.malicious.size} "
+                f"entries but the data has {len(train_assign)} clients; it needs one flag per "
+                "client."
+            )
+        format_args = {
+            "tokenizer": tokenizer,
+            "seq_len": seq_len,
+            "label_names": label_names,
+            "loss_on": loss_on,
+            "min_response_tokens": min_response_tokens,
+            "chat_template": chat_template,
+        }
+        convs = records_to_conversations(loaded.select(record_ids[pool_pos]))
+        train_pool, num_poisoned, num_skipped = _poison_file_pool(
+            pool,
+            [convs[i] for i in pool_report.row_records.tolist()],
+            train_assign,
+            pool.labels if label_column else None,
+            poisoning,
+            format_args,
+        )
+        if poisoning.kind == "backdoor":
+            convs = records_to_conversations(loaded.select(record_ids[eval_pos]))
+            convs = [convs[i] for i in eval_report.row_records.tolist()]
+            triggered, targets = backdoor_records(
+                [c[_trained_turn(c)[0]]["content"] for c in convs], poisoning
+            )
+            backdoor_eval, _ = _retokenize(
+                convs, triggered, targets, {**format_args, "labels": eval_set.labels}
+            )
+            if backdoor_eval is None:
+                raise ConfigError(
+                    f"data.seq_len={seq_len} is too short for byzantine.attack=backdoor: no eval "
+                    "prompt with the trigger leaves room for the target; raise data.seq_len."
+                )
+    train = make_federated_dataset(train_pool, train_assign)
     client_test = make_federated_dataset(pool, test_assign)
 
     stats = partition_stats(
@@ -354,4 +504,18 @@ def build_file_data(
         num_client_test=client_test.num_examples,
         num_eval=len(eval_set),
     )
-    return TaskData(train=train, client_test=client_test, eval=eval_set, stats=stats)
+    if poisoning is not None:
+        stats.update(
+            poisoning=poisoning.kind,
+            poisoned_examples=num_poisoned,
+            poisoning_skipped=num_skipped,
+        )
+        if backdoor_eval is not None:
+            stats.update(num_backdoor_eval=len(backdoor_eval))
+    return TaskData(
+        train=train,
+        client_test=client_test,
+        eval=eval_set,
+        stats=stats,
+        backdoor_eval=backdoor_eval,
+    )
