@@ -1,0 +1,181 @@
+"""Reproduces the README's "Privacy and robustness" tables.
+
+Usage:
+  python scripts/privacy_tables.py epsilon   # utility against epsilon (configs/dp_fedavg.yaml)
+  python scripts/privacy_tables.py attacks   # attack x aggregator (configs/byzantine_*.yaml base)
+  python scripts/privacy_tables.py cost      # round time of each mechanism against no DP
+  python scripts/privacy_tables.py cost --rounds 10 --out /tmp/cost.json
+
+Each table runs its variants one after another in this process (so round times compare) and
+prints a Markdown table; rows and settings go to ``--out`` (default
+``benchmarks/privacy_<table>.json``). ``--rounds`` shortens every variant (the README's
+figures use the configs' own round counts unless it says otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import jax
+
+from fedjax_llm.cli import ScriptContext, exit_process, run_script
+from fedjax_llm.comparisons import markdown_table, run_variants, write_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DP_BASE = os.path.join(ROOT, "configs", "dp_fedavg.yaml")
+BYZANTINE_BASE = os.path.join(ROOT, "configs", "byzantine_sign_flip_krum.yaml")
+
+NO_DP = ["privacy.level=none", "privacy.target_epsilon=null", "sampling.kind=poisson"]
+
+EPSILON_VARIANTS = {
+    "no DP": NO_DP,
+    "epsilon 32": ["privacy.target_epsilon=32"],
+    "epsilon 8": ["privacy.target_epsilon=8"],
+    "epsilon 2": ["privacy.target_epsilon=2"],
+    "epsilon 0.5": ["privacy.target_epsilon=0.5"],
+}
+
+AGGREGATORS = {
+    "mean": ["aggregation.aggregator=mean"],
+    "median": ["aggregation.aggregator=median"],
+    "trimmed mean 0.25": ["aggregation.aggregator=trimmed_mean", "aggregation.trim_fraction=0.25"],
+    "multi-Krum": ["aggregation.aggregator=multi_krum"],
+    "geometric median": ["aggregation.aggregator=geometric_median"],
+    "centered clipping": ["aggregation.aggregator=centered_clipping"],
+    "norm bounding": ["aggregation.aggregator=norm_bounding", "aggregation.norm_bound=0.5"],
+}
+ATTACKS = {
+    "none": ["byzantine.fraction=0", "byzantine.attack=none"],
+    "sign flip x10": ["byzantine.attack=sign_flip"],
+    "ALIE": ["byzantine.attack=alie"],
+    "IPM": ["byzantine.attack=ipm"],
+    "backdoor": ["byzantine.attack=backdoor"],
+}
+
+COST_VARIANTS = {
+    "no DP": NO_DP,
+    "client DP": ["privacy.target_epsilon=null", "privacy.noise_multiplier=1.0"],
+    "client DP, adaptive clip": [
+        "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=1.0",
+        "privacy.adaptive_clipping=true",
+    ],
+    "secure aggregation": [*NO_DP, "secure_aggregation.enabled=true"],
+    "client DP + secure aggregation": [
+        "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=1.0",
+        "secure_aggregation.enabled=true",
+    ],
+    "sample DP-SGD": [
+        "privacy.level=sample",
+        "privacy.target_epsilon=null",
+        "privacy.noise_multiplier=1.0",
+    ],
+}
+
+
+def machine() -> str:
+    """The CPU model (lscpu) or accelerator the figures come from."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return device.device_kind
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "cpu"
+
+
+def shortened(variants: dict, rounds: int | None) -> dict:
+    if rounds is None:
+        return variants
+    extra = [f"run.num_rounds={rounds}", f"eval.every={rounds}", "run.checkpoint_every=0"]
+    return {name: [*overrides, *extra] for name, overrides in variants.items()}
+
+
+def epsilon_table(args) -> tuple[list[dict], str]:
+    rows = run_variants(DP_BASE, shortened(EPSILON_VARIANTS, args.rounds), args.runs)
+    columns = {
+        "name": "target",
+        "noise_multiplier": "noise multiplier",
+        "epsilon": "epsilon reached",
+        "eval_loss": "eval loss",
+        "exact_match": "exact match",
+    }
+    return rows, markdown_table(rows, columns)
+
+
+def attack_table(args) -> tuple[list[dict], str]:
+    variants = {}
+    for attack, attack_overrides in ATTACKS.items():
+        for aggregator, aggregator_overrides in AGGREGATORS.items():
+            variants[f"{attack} / {aggregator}"] = [*attack_overrides, *aggregator_overrides]
+    rows = run_variants(BYZANTINE_BASE, shortened(variants, args.rounds), args.runs)
+    for row in rows:
+        row["attack"], row["aggregator"] = row["name"].split(" / ")
+    # One row per attack, one column per aggregator: the final eval loss (backdoor: its
+    # success rate, then the loss).
+    table = []
+    for attack in ATTACKS:
+        line = {"attack": attack}
+        for row in rows:
+            if row["attack"] != attack:
+                continue
+            value = f"{row['eval_loss']:.3f}"
+            if attack == "backdoor" and row["backdoor_success"] is not None:
+                value = f"{row['backdoor_success']:.2f} ({value})"
+            line[row["aggregator"]] = value
+        table.append(line)
+    columns = {"attack": "attack \\ aggregator", **{a: a for a in AGGREGATORS}}
+    return rows, markdown_table(table, columns)
+
+
+def cost_table(args) -> tuple[list[dict], str]:
+    overrides = ["run.save_checkpoints=false", "eval.every=0"]
+    variants = {name: [*o, *overrides] for name, o in COST_VARIANTS.items()}
+    rows = run_variants(DP_BASE, shortened(variants, args.rounds or 20), args.runs)
+    base = rows[0]["median_round_time_s"]
+    for row in rows:
+        row["ratio_to_no_dp"] = row["median_round_time_s"] / base
+    columns = {
+        "name": "mechanism",
+        "median_round_time_s": "median round (s)",
+        "ratio_to_no_dp": "x no DP",
+        "compile_time_s": "compile (s)",
+    }
+    return rows, markdown_table(rows, columns)
+
+
+TABLES = {"epsilon": epsilon_table, "attacks": attack_table, "cost": cost_table}
+
+
+def body(argv: Sequence[str] | None, context: ScriptContext) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("table", choices=sorted(TABLES))
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of every variant")
+    parser.add_argument("--runs", default=os.path.join("runs", "privacy_tables"))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    rows, table = TABLES[args.table](args)
+    out = args.out or os.path.join(ROOT, "benchmarks", f"privacy_{args.table}.json")
+    meta = {"table": args.table, "rounds": args.rounds, "machine": machine()}
+    write_rows(out, rows, meta)
+    print(f"{args.table} ({meta['machine']}; rows in {out}):\n{table}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the script; returns its exit status."""
+    return run_script("privacy_tables.py", body, argv)
+
+
+if __name__ == "__main__":
+    exit_process(main(sys.argv[1:]))
