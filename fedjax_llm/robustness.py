@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_llm.pipeline import Aggregator, Gathered
+from fedjax_llm.pipeline import Aggregator, Gathered, weighted_mean
 from kernels import (
     alie,
     centered_clipping,
@@ -35,8 +35,6 @@ from kernels import (
     scaling,
     sign_flip,
     trimmed_mean,
-    weighted_sum_finalize,
-    weighted_sum_init,
     weighted_sum_update,
 )
 
@@ -96,22 +94,11 @@ def norm_bounding_aggregator(bound: float) -> Aggregator:
 
     def accumulate(sums, uploads, weights, state, hparams):
         del state
-        clipped = jax.vmap(lambda u: clip_by_global_norm(u, hparams.values["norm_bound"])[0])(
-            uploads
-        )
+        clip = hparams.values["norm_bound"]
+        clipped = jax.vmap(lambda u: clip_by_global_norm(u, clip)[0])(uploads)
         return weighted_sum_update(sums, clipped, weights)
 
-    def finalize(state, sums, key, hparams):
-        del key, hparams
-        return weighted_sum_finalize(sums), state, {}
-
-    return Aggregator(
-        init=lambda like: (),
-        start=lambda state, like: weighted_sum_init(like),
-        accumulate=accumulate,
-        finalize=finalize,
-        hyperparams={"norm_bound": float(bound)},
-    )
+    return weighted_mean()._replace(accumulate=accumulate, hyperparams={"norm_bound": float(bound)})
 
 
 def centered_clipping_aggregator(radius: float, num_iters: int) -> Aggregator:

@@ -96,6 +96,28 @@ def hparams_for(pipeline: AggregationPipeline, **values) -> HyperParams:
     return round_hparams(CLIENT_LR, values={**pipeline.hyperparams, **values})
 
 
+def compiled_round(pipeline, ids, delivered, chunk=2, devices=1, key=7, **kwargs):
+    """One jitted round of the least-squares problem from fresh state; returns
+    ``((state, output), initial params)``."""
+    data, params = make_problem()
+    fn = make_round_fn(
+        ALGORITHM,
+        OBJECTIVE,
+        SCHEDULE,
+        num_clients_total=M,
+        clients_per_chunk=chunk,
+        pipeline=pipeline,
+        mesh=client_mesh(devices),
+        **kwargs,
+    )
+    state = init_round_state(ALGORITHM, params, M, pipeline)
+    slots = cohort_slots(len(ids), chunk, devices)
+    out = jax.jit(fn)(
+        {}, state, data, cohort(ids, delivered, slots), jax.random.key(key), hparams_for(pipeline)
+    )
+    return out, params
+
+
 def client_mesh(devices: int):
     if devices == 1:
         return None

@@ -21,8 +21,8 @@ from test_pipeline import (
     OBJECTIVE,
     SCHEDULE,
     M,
-    client_mesh,
     cohort,
+    compiled_round,
     hparams_for,
     make_problem,
 )
@@ -36,7 +36,6 @@ from fedjax_llm.round import (
     make_sequential_round,
     round_hparams,
 )
-from fedjax_llm.sampling import cohort_slots
 from kernels import add_gaussian_noise, gaussian_noise_like
 
 IDS = np.asarray([4, 0, 3, 1, 5])
@@ -47,28 +46,8 @@ def dp_pipeline(expected: float, z: float, clip: float) -> AggregationPipeline:
     return AggregationPipeline(clip_upload(default=clip), dp_mean(expected, z, clip))
 
 
-def run_round(pipeline, ids=IDS, delivered=ALL_DELIVERED, chunk=2, devices=1, key=7, **kw):
-    data, params = make_problem()
-    slots = cohort_slots(len(ids), chunk, devices)
-    fn = make_round_fn(
-        ALGORITHM,
-        OBJECTIVE,
-        SCHEDULE,
-        num_clients_total=M,
-        clients_per_chunk=chunk,
-        pipeline=pipeline,
-        mesh=client_mesh(devices),
-        **kw,
-    )
-    state = init_round_state(ALGORITHM, params, M, pipeline)
-    return jax.jit(fn)(
-        {},
-        state,
-        data,
-        cohort(ids, delivered, slots),
-        jax.random.key(key),
-        hparams_for(pipeline),
-    ), params
+def run_round(pipeline, ids=IDS, delivered=ALL_DELIVERED, **kwargs):
+    return compiled_round(pipeline, ids, delivered, **kwargs)
 
 
 def client_deltas(ids) -> list[dict]:

@@ -12,15 +12,14 @@ from test_pipeline import (
     OBJECTIVE,
     SCHEDULE,
     M,
-    client_mesh,
     cohort,
+    compiled_round,
     hparams_for,
     make_problem,
 )
 
 from fedjax_llm.pipeline import AggregationPipeline, chain, clip_upload, default_pipeline
-from fedjax_llm.round import init_round_state, make_round_fn, make_sequential_round
-from fedjax_llm.sampling import cohort_slots
+from fedjax_llm.round import init_round_state, make_sequential_round
 from fedjax_llm.secure_aggregation import secure_masking, secure_mean
 
 IDS = np.asarray([4, 0, 3, 1, 5])
@@ -37,26 +36,15 @@ def secure_pipeline(masked: bool, dp: bool = False) -> AggregationPipeline:
 
 
 def run(pipeline, chunk=2, devices=1, engine="compiled", **kw):
-    data, params = make_problem()
-    state = init_round_state(ALGORITHM, params, M, pipeline)
-    args = (data, jax.random.key(5), hparams_for(pipeline))
     if engine == "sequential":
+        data, params = make_problem()
         fn = make_sequential_round(
             ALGORITHM, OBJECTIVE, SCHEDULE, num_clients_total=M, pipeline=pipeline, **kw
         )
-        return fn({}, state, args[0], cohort(IDS, DELIVERED, len(IDS)), *args[1:])
-    fn = make_round_fn(
-        ALGORITHM,
-        OBJECTIVE,
-        SCHEDULE,
-        num_clients_total=M,
-        clients_per_chunk=chunk,
-        pipeline=pipeline,
-        mesh=client_mesh(devices),
-        **kw,
-    )
-    slots = cohort_slots(len(IDS), chunk, devices)
-    return jax.jit(fn)({}, state, args[0], cohort(IDS, DELIVERED, slots), *args[1:])
+        state = init_round_state(ALGORITHM, params, M, pipeline)
+        cohort_ = cohort(IDS, DELIVERED, len(IDS))
+        return fn({}, state, data, cohort_, jax.random.key(5), hparams_for(pipeline))
+    return compiled_round(pipeline, IDS, DELIVERED, chunk=chunk, devices=devices, key=5, **kw)[0]
 
 
 def leaves(state):
