@@ -60,7 +60,10 @@ class PrivacyPlan(NamedTuple):
 
     def describe(self) -> str:
         """One line for the run's header."""
-        what = {"client": "client-level DP", "sample": "sample-level DP-SGD"}[self.level]
+        what = {
+            "client": "client-level DP (every delivered client weighs 1)",
+            "sample": "sample-level DP-SGD",
+        }[self.level]
         extra = (
             f", adaptive clip (count noise {self.clipped_count_stddev:g})"
             if self.clipped_count_stddev is not None
