@@ -861,9 +861,10 @@ class Simulation:
                         saved, last_good = completed, self.checkpointer.path(completed)
                     writer.write(record)
                     if completed % run.log_every == 0:
-                        progress.update(
-                            completed, f"loss {record['train_loss']:.4f}", round_time_s=wall
-                        )
+                        status = f"loss {record['train_loss']:.4f}"
+                        if "privacy/epsilon" in record:
+                            status += f"  epsilon {record['privacy/epsilon']:.3g}"
+                        progress.update(completed, status, round_time_s=wall)
             if budget_stop is not None:
                 if run.save_checkpoints and saved != completed:
                     self._save(completed, None, state_bytes)
