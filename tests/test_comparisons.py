@@ -32,10 +32,11 @@ def test_variants_run_with_their_overrides_and_directories(tmp_path):
     rows = run_variants(
         base,
         {
-            "plain": ["run.num_rounds=1", "eval.every=1"],
+            "plain": ["run.num_rounds=1", "eval.every=1", "eval.max_new_tokens=0"],
             "dp": [
                 "run.num_rounds=1",
                 "eval.every=1",
+                "eval.max_new_tokens=0",
                 "privacy.level=client",
                 "privacy.noise_multiplier=1.0",
                 "sampling.kind=poisson",
@@ -88,6 +89,13 @@ def test_shipped_privacy_and_byzantine_configs_build(path, tmp_path):
 )
 def test_shipped_configs_run_a_round(name, tmp_path):
     path = os.path.join(ROOT, "configs", name)
-    config = shipped(path, tmp_path, "--model.num_layers=1", "--client.local_steps=1")
+    config = shipped(
+        path,
+        tmp_path,
+        "--model.num_layers=1",
+        "--client.local_steps=1",
+        "--data.num_clients=32",
+        "--run.num_clients_per_round=8",
+    )
     history = Simulation(config, verbose=False).run()
     assert history[-1]["round"] == 1

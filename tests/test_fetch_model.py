@@ -137,7 +137,11 @@ def test_fetch_runs_where_torch_cannot_be_imported(fake_model, tmp_path):
     sha = fetch.MODELS["tiny"].sha256
     code = f"""
 import importlib.util, sys
-sys.modules["torch"] = None  # `import torch` now raises ImportError, as if not installed
+class _NoTorch:  # `import torch` now fails as if torch were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, _NoTorch())
 spec = importlib.util.spec_from_file_location("fetch_model_script", {str(SCRIPT)!r})
 fetch = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = fetch

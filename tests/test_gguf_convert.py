@@ -645,7 +645,11 @@ def test_tokenizer_errors_are_clear(tmp_path):
 _NO_TORCH_CONVERSION = """
 import sys
 if {block}:
-    sys.modules["torch"] = None  # `import torch` now raises ImportError, as if not installed
+    class _NoTorch:  # `import torch` now fails as if torch were not installed
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+    sys.meta_path.insert(0, _NoTorch())
 from fedjax_llm.models.gguf_convert import convert_gguf_to_hf
 from tokenizers import Tokenizer
 
