@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_llm.pipeline import Aggregator, UploadTransform
+from fedjax_llm.pipeline import Aggregator, UploadTransform, identity
 from fedjax_llm.privacy.mechanisms import CLIP_NORM, NOISE_MULTIPLIER, noise_stddev
 from kernels import add_gaussian_noise, global_norm
 from kernels.secure_aggregation import dequantize_sum, dropout_correction, mask_upload, quantize
@@ -54,13 +54,8 @@ def secure_masking(max_clients: int, clip_norm: float, masked: bool = True) -> U
             )
         return quantized, client_state, {"secagg/quantization_error": error}
 
-    return UploadTransform(
-        init=lambda like: (),
-        client_init=lambda like: (),
-        apply=apply,
-        update=lambda state, stats, key, hparams: state,
-        hyperparams={CLIP_NORM: float(clip_norm)},
-        uses_context=True,
+    return identity()._replace(
+        apply=apply, hyperparams={CLIP_NORM: float(clip_norm)}, uses_context=True
     )
 
 

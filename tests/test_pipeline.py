@@ -371,20 +371,7 @@ def test_median_round_is_independent_of_chunking_order_devices_and_engine():
     }
 
     def compiled(order, chunk, devices):
-        slots = cohort_slots(len(ids), chunk, devices)
-        fn = make_round_fn(
-            ALGORITHM,
-            OBJECTIVE,
-            SCHEDULE,
-            num_clients_total=M,
-            clients_per_chunk=chunk,
-            pipeline=pipeline,
-            mesh=client_mesh(devices),
-        )
-        state = init_round_state(ALGORITHM, params, M, pipeline)
-        return jax.jit(fn)(
-            {}, state, data, cohort(ids[order], delivered[order], slots), key, hparams
-        )
+        return compiled_round(pipeline, ids[order], delivered[order], chunk, devices, key=11)[0]
 
     forward, backward = np.arange(len(ids)), np.arange(len(ids))[::-1]
     results = {f"chunk {chunk}": compiled(forward, chunk, 1) for chunk in (None, 1, 2)}

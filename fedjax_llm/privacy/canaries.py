@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_llm.algorithms.base import ClientOutput
-from fedjax_llm.pipeline import UploadTransform
+from fedjax_llm.pipeline import UploadTransform, identity
 from fedjax_llm.privacy.mechanisms import CLIP_NORM
 from kernels import gaussian_noise_like, global_norm
 from kernels.pytree import PyTree
@@ -119,13 +119,8 @@ def canary_uploads(canaries: Canaries, clip_norm: float) -> UploadTransform:
         out = jax.tree.map(lambda c, u: jnp.where(is_canary, c, u), canary, upload)
         return out, client_state, {"audit/canaries": is_canary.astype(jnp.float32)}
 
-    return UploadTransform(
-        init=lambda like: (),
-        client_init=lambda like: (),
-        apply=apply,
-        update=lambda state, stats, key, hparams: state,
-        hyperparams={CLIP_NORM: float(clip_norm)},
-        uses_context=True,
+    return identity()._replace(
+        apply=apply, hyperparams={CLIP_NORM: float(clip_norm)}, uses_context=True
     )
 
 
