@@ -43,6 +43,7 @@ LoadDtype = Literal["float32", "bfloat16"]
 WeightingName = Literal["num_examples", "uniform"]
 SamplerName = Literal["uniform", "poisson", "availability"]
 EngineName = Literal["compiled", "sequential"]
+ClientDataPlacement = Literal["auto", "device", "host"]
 PrivacyLevel = Literal["none", "client", "sample"]
 AccountantName = Literal["rdp", "pld"]
 AttackName = Literal[
@@ -165,7 +166,7 @@ class PretrainedConfig:
       path: directory with config.json, *.safetensors and the tokenizer files (Llama 2/3,
         SmolLM2, Qwen2/2.5, Mistral). None trains the `model` architecture from random init
         with the byte tokenizer. With a path, the architecture comes from the directory: only
-        ``model.dtype`` and ``model.scan_unroll`` still apply.
+        ``model.dtype``, ``model.scan_unroll`` and ``model.remat`` still apply.
       load_dtype: storage dtype of the loaded weights (bfloat16 halves a frozen base's memory).
     """
 
@@ -583,8 +584,9 @@ class RunConfig:
         memory is that of one chunk. None runs all of a device's sampled clients in one vmap.
         The round's client axis is padded to whole chunks on every device; padding costs no
         result and is reported.
-      devices: local devices the sampled clients are sharded over (a `clients` mesh axis).
-        0 uses every local device.
+      devices: devices the sampled clients are sharded over (a `clients` mesh axis). 0 uses
+        every local device; a run over several processes (``distributed``) needs 0, all
+        devices of all processes.
       engine: ``compiled`` (the whole round one XLA program) or ``sequential`` (the reference:
         one jitted client update per client in a Python loop; same results up to float
         rounding, for checking the compiled round).
@@ -599,6 +601,20 @@ class RunConfig:
       stop_after: stop after this many rounds (with a checkpoint) although the schedule runs
         to ``num_rounds``: splits a long run across time-limited jobs, each continued with
         ``--run.resume true``.
+      compilation_cache_dir: folder of the persistent XLA compilation cache, so a later process
+        loads the compiled round and evaluation instead of compiling them again; ``auto``: the
+        JAX_COMPILATION_CACHE_DIR environment variable if set, else ~/.cache/fedjax_llm/xla
+        (under XDG_CACHE_HOME if set); null or an empty string: no cache. A folder that cannot
+        be written is a warning, and the run compiles without the cache.
+      client_data: where the population's examples and per-client states live. ``device``:
+        on the device, each client draws its batches there (fastest). ``host``: in host
+        memory; each round the host gathers the cohort's batches and states and sends only
+        those, the next round's batches prepared while the device trains (populations larger
+        than the device's memory, e.g. a million clients). ``auto``: ``device`` while the
+        examples and client states take at most half of the device's memory, else ``host``;
+        the choice is printed and recorded in summary.json.
+      client_store_dir: with host-resident client data, keep the per-client state store in
+        memory-mapped files in this folder instead of RAM (stores larger than RAM); null: RAM.
     """
 
     num_rounds: int = 60
@@ -615,6 +631,9 @@ class RunConfig:
     resume: bool = False
     log_every: int = 1
     stop_after: int | None = None
+    compilation_cache_dir: str | None = "auto"
+    client_data: ClientDataPlacement = "auto"
+    client_store_dir: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -633,6 +652,30 @@ class EvalConfig:
     max_new_tokens: int = 8
     batch_size: int = 256
     per_client: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """One run on several processes (hosts) joined by `jax.distributed` (see
+    `fedjax_llm.distributed`): the sampled clients are sharded over the devices of all of them.
+    These keys say how the processes were launched and never change a result.
+
+    Attributes:
+      coordinator_address: ``host:port`` of process 0, which every process connects to;
+        ``auto`` lets JAX detect the cluster (SLURM, Open MPI, Cloud TPU pods, Kubernetes or
+        the JAX_COORDINATOR_ADDRESS environment variable); null runs one process.
+      num_processes: how many processes take part (null: detected from the cluster).
+      process_id: this process's index, 0 to num_processes - 1 (null: detected).
+      local_device_ids: comma-separated ids of the accelerators this process uses, e.g.
+        ``0,1`` (null: JAX's choice, all local ones or one GPU per SLURM / Open MPI task).
+      timeout_s: seconds each process waits for all of them to connect.
+    """
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: str | None = None
+    timeout_s: int = 300
 
 
 # The valid range of every numeric config field, checked in one loop by `ExperimentConfig.validate`
@@ -736,7 +779,7 @@ FIELD_RANGES: dict[type, dict[str, Range]] = {
         "num_rounds": positive(),
         "num_clients_per_round": positive(),
         "clients_per_chunk": positive("null: one chunk of all of a device's clients"),
-        "devices": at_least(0, "0: every local device"),
+        "devices": at_least(0, "0: every device (of every process in a multi-process run)"),
         # jax.random.key keeps 32 bits of a seed: 2**32 would silently repeat seed 0.
         "seed": between(0, 2**32 - 1, note="JAX PRNG keys hold 32-bit seeds"),
         "checkpoint_every": at_least(0, "0: only at the end"),
@@ -748,6 +791,11 @@ FIELD_RANGES: dict[type, dict[str, Range]] = {
         "every": at_least(0, "0: no evaluation"),
         "max_new_tokens": at_least(0, "0 skips generation"),
         "batch_size": positive(),
+    },
+    DistributedConfig: {
+        "num_processes": positive("null: detected from the cluster"),
+        "process_id": at_least(0, "null: detected from the cluster"),
+        "timeout_s": positive(),
     },
 }
 
@@ -970,6 +1018,7 @@ class ExperimentConfig:
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def validate(self) -> ExperimentConfig:
         """Checks values that the types cannot express.
@@ -1023,6 +1072,7 @@ class ExperimentConfig:
                 + ": sample at most as many clients as exist, or raise data.num_clients."
             )
         self._validate_sampling_and_aggregation()
+        self._validate_distributed()
         client = self.client
         if isinstance(self.algorithm, ScaffoldConfig) and (
             client.optimizer != "sgd" or client.grad_clip_norm is not None or client.weight_decay
@@ -1062,6 +1112,16 @@ class ExperimentConfig:
 
     def _validate_sampling_and_aggregation(self) -> None:
         sampling, aggregation = self.sampling, self.aggregation
+        if self.run.client_data == "host" and self.run.engine == "sequential":
+            raise ConfigError(
+                "run.client_data=host needs run.engine=compiled (the sequential reference "
+                "engine reads a device-resident population); use run.client_data=device."
+            )
+        if self.run.client_store_dir and self.run.client_data == "device":
+            raise ConfigError(
+                "run.client_store_dir keeps a host-resident client store on disk; it needs "
+                "run.client_data=host or auto."
+            )
         if sampling.max_cohort is not None:
             if sampling.kind != "poisson":
                 raise ConfigError(
@@ -1162,6 +1222,44 @@ class ExperimentConfig:
                 f"aggregation.aggregator={self.aggregation.aggregator!r} (which needs each "
                 "upload) cannot run; use aggregation.aggregator=mean."
             )
+
+    def _validate_distributed(self) -> None:
+        d = self.distributed
+        address = d.coordinator_address
+        if address is None:
+            given = [
+                f"distributed.{name}"
+                for name in ("num_processes", "process_id", "local_device_ids")
+                if getattr(d, name) is not None
+            ]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} describe a multi-process run: set "
+                    "distributed.coordinator_address too (host:port of process 0, or auto), or "
+                    "remove them."
+                )
+        elif address != "auto":
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(
+                    f"distributed.coordinator_address={address!r} must be host:port (e.g. "
+                    "10.0.0.1:1234, process 0's address and a free port), auto (JAX detects "
+                    "the cluster) or null (one process)."
+                )
+        if d.num_processes is not None and d.process_id is not None:
+            if d.process_id >= d.num_processes:
+                raise ConfigError(
+                    f"distributed.process_id={d.process_id} is out of range for "
+                    f"distributed.num_processes={d.num_processes}: ids run from 0 to "
+                    f"{d.num_processes - 1}."
+                )
+        if d.local_device_ids is not None:
+            ids = d.local_device_ids.split(",")
+            if not all(i.strip().isdigit() for i in ids):
+                raise ConfigError(
+                    f"distributed.local_device_ids={d.local_device_ids!r} must be "
+                    "comma-separated device ids, e.g. 0,1."
+                )
 
     def _validate_byzantine(self) -> None:
         b, a = self.byzantine, self.aggregation

@@ -71,13 +71,31 @@ class ClientData(NamedTuple):
     client_count: jax.Array
 
 
+class ClientBatches(NamedTuple):
+    """The batches of a round's clients, drawn ahead of the round (host-resident data).
+
+    When the population's examples live on the host (`fedjax_llm.client_store`), the host
+    gathers the examples each slot's client will use this round and sends only those; the
+    round then reads them per slot instead of indexing a device-resident dataset.
+
+    Attributes:
+      examples: dict of per-slot arrays ``[C, K, B, ...]`` (the fields the objective reads).
+      client_count: ``[C]`` int32 each slot's client's number of examples (its masks and
+        weight; 1 for padding slots).
+    """
+
+    examples: dict
+    client_count: jax.Array
+
+
 class LocalSchedule(NamedTuple):
     """Static shape of local training.
 
     Attributes:
       local_steps: scan length K (the most steps any client takes).
       batch_size: examples per step B.
-      max_client_examples: largest client size (static bound for on-device shuffling).
+      max_client_examples: largest client size (informational: batch drawing costs O(K * B)
+        per client, whatever the sizes).
       local_epochs: if set, client i's example budget is ``ceil(local_epochs * n_i)`` (at
         most ``K * B``); otherwise every client uses ``K * B`` examples.
       shuffle: shuffle each client's examples every round (off: their stored order).
@@ -85,7 +103,7 @@ class LocalSchedule(NamedTuple):
 
     local_steps: int
     batch_size: int
-    max_client_examples: int
+    max_client_examples: int | None = None
     local_epochs: float | None = None
     shuffle: bool = True
 
@@ -156,14 +174,62 @@ class RoundOutput(NamedTuple):
     params_finite: jax.Array
 
 
+SHUFFLE_ROUNDS = 24
+"""Rounds of the swap-or-not permutation that shuffles a client's examples."""
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A 32-bit integer hash (the MurmurHash3 finalizer) of uint32 ``x``."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def random_permutation_at(key: jax.Array, index: jax.Array, n: jax.Array) -> jax.Array:
+    """``perm(index)`` for a random permutation ``perm`` of ``[0, n)`` chosen by ``key``.
+
+    A swap-or-not shuffle (Hoang, Morris and Rogaway, 2012): each of `SHUFFLE_ROUNDS` rounds
+    pairs ``x`` with ``(k_r - x) mod n`` for a random ``k_r`` and swaps the pair or not by a
+    hashed bit of the pair, so every round, and the whole, is a permutation of ``[0, n)`` for
+    any ``n``. Evaluating it at the positions a client uses costs O(positions) work and
+    memory, whatever ``n`` or the largest client's size is, which is what lets thousands of
+    clients draw their batches in one round.
+
+    Args:
+      key: the permutation's key.
+      index: int array of positions in ``[0, n)``.
+      n: the domain size (>= 1), a traced int scalar.
+
+    Returns:
+      ``perm(index)``, same shape as ``index``.
+    """
+    n = jnp.asarray(n, jnp.uint32)
+    offset_key, seed_key = jax.random.split(key)
+    offsets = jax.random.randint(offset_key, (SHUFFLE_ROUNDS,), 0, jnp.iinfo(jnp.int32).max)
+    offsets = offsets.astype(jnp.uint32) % n
+    seeds = jax.random.bits(seed_key, (SHUFFLE_ROUNDS,), jnp.uint32)
+
+    def one_round(x, round_values):
+        offset, seed = round_values
+        partner = (offset + n - x) % n
+        bit = _mix32(jnp.maximum(x, partner) ^ seed) >> 31
+        return jnp.where(bit == 1, partner, x), None
+
+    out, _ = jax.lax.scan(one_round, jnp.asarray(index, jnp.uint32), (offsets, seeds))
+    return out.astype(jnp.int32)
+
+
 def client_batch_indices(
     key: jax.Array, start: jax.Array, count: jax.Array, schedule: LocalSchedule
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draws one client's local batches on the device.
 
-    The client's examples are shuffled once per round (top-k of random scores, masked to the
-    client's size) and streamed in that order, cycling when a client has fewer than ``K * B``.
-    With ``schedule.shuffle`` off they are streamed in their stored order instead.
+    The client's examples are shuffled once per round (a random permutation of its ``count``
+    examples, `random_permutation_at`) and streamed in that order, cycling when a client has
+    fewer than ``K * B``. With ``schedule.shuffle`` off they are streamed in their stored order
+    instead. The cost is O(K * B) per client, independent of any client's size.
 
     Args:
       key: the client's key for this round.
@@ -177,25 +243,35 @@ def client_batch_indices(
     """
     k, b = schedule.local_steps, schedule.batch_size
     position = jnp.arange(k * b)
+    local = position % count
     if schedule.shuffle:
-        draws = min(k * b, schedule.max_client_examples)
-        scores = jax.random.uniform(key, (schedule.max_client_examples,))
-        scores = jnp.where(jnp.arange(schedule.max_client_examples) < count, scores, -1.0)
-        _, order = jax.lax.top_k(scores, draws)
-        local = order[position % jnp.minimum(count, draws)]
-    else:
-        local = position % count
+        local = random_permutation_at(key, local, count)
+    example_mask, step_mask = client_masks(count, schedule)
+    return (start + local).reshape(k, b), example_mask, step_mask
+
+
+def client_masks(count: jax.Array, schedule: LocalSchedule) -> tuple[jax.Array, jax.Array]:
+    """A client's ``example_mask`` [K, B] and ``step_mask`` [K] (see `client_batch_indices`)."""
+    k, b = schedule.local_steps, schedule.batch_size
+    position = jnp.arange(k * b)
     if schedule.local_epochs is None:
         budget = k * b
     else:
         budget = jnp.minimum(jnp.ceil(schedule.local_epochs * count).astype(jnp.int32), k * b)
     example_mask = (position < budget).astype(jnp.float32).reshape(k, b)
-    step_mask = example_mask[:, 0] > 0
-    return (start + local).reshape(k, b), example_mask, step_mask
+    return example_mask, example_mask[:, 0] > 0
 
 
 def _tree_where(condition: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(condition, a, b), on_true, on_false)
+
+
+def client_keys(round_key: jax.Array, client_id: jax.Array) -> tuple[jax.Array, ...]:
+    """A client's keys of a round: (batch order, local steps, upload transform)."""
+    key = jax.random.fold_in(round_key, client_id)
+    upload_key = jax.random.fold_in(jax.random.clone(key), UPLOAD_STREAM)
+    data_key, step_key = jax.random.split(key)
+    return data_key, step_key, upload_key
 
 
 def make_client_update(
@@ -236,12 +312,18 @@ def make_client_update(
         hparams,
         context=None,
     ):
-        key = jax.random.fold_in(round_key, client_id)
-        upload_key = jax.random.fold_in(jax.random.clone(key), UPLOAD_STREAM)
-        data_key, step_key = jax.random.split(key)
-        start, count = data.client_start[client_id], data.client_count[client_id]
-        indices, example_mask, step_mask = client_batch_indices(data_key, start, count, schedule)
-        batches = {name: x[indices] for name, x in data.examples.items()}
+        data_key, step_key, upload_key = client_keys(round_key, client_id)
+        if isinstance(data, ClientBatches):
+            # This slot's batches, drawn ahead of the round (see `draw_cohort_batches`).
+            count = data.client_count
+            example_mask, step_mask = client_masks(count, schedule)
+            batches = dict(data.examples)
+        else:
+            start, count = data.client_start[client_id], data.client_count[client_id]
+            indices, example_mask, step_mask = client_batch_indices(
+                data_key, start, count, schedule
+            )
+            batches = {name: x[indices] for name, x in data.examples.items()}
         batches["example_weight"] = example_mask
 
         def loss_fn(params, batch, key):
@@ -393,6 +475,10 @@ def _frozen_of(algorithm: Algorithm, frozen: PyTree, server_state: PyTree) -> Py
     return frozen if algorithm.server_frozen is None else algorithm.server_frozen(server_state)
 
 
+CLIENT_STORES = ("device", "cohort")
+"""Where a round finds the per-client states (see `make_round_fn`)."""
+
+
 def make_round_fn(
     algorithm: Algorithm,
     objective: Objective,
@@ -403,6 +489,7 @@ def make_round_fn(
     pipeline: AggregationPipeline | None = None,
     uniform_weighting: bool = False,
     mesh: jax.sharding.Mesh | None = None,
+    client_store: str = "device",
 ) -> Callable:
     """Builds the whole round: local training of every sampled client, aggregation, server.
 
@@ -421,23 +508,35 @@ def make_round_fn(
         and broadcast; streaming accumulators are added with one ``psum``, gathered uploads
         collected with one ``all_gather``. The server update runs replicated. Results equal the
         one-device round up to the order of floating-point additions.
+      client_store: ``device``: ``state.clients`` is the whole population's store; on one
+        device each chunk reads its clients' rows and writes their new states back before the
+        next chunk runs, so no per-slot copy of the states exists and memory does not grow with
+        the clients per round (with a mesh, the slots' rows are gathered and written back
+        around the sharded training). ``cohort``: ``state.clients`` holds only the cohort's
+        rows ``[C]`` (gathered by the caller from a host-resident store) and the round returns
+        them updated where the upload was delivered, for the caller to write back.
 
     Returns:
       ``round_fn(frozen, state, data, cohort, round_key, hparams) -> (state, RoundOutput)``,
       pure and ready for `jax.jit`; ``state`` is a `RoundState`, ``cohort`` a `Cohort` of
-      arrays. For algorithms whose server state holds the frozen base, ``frozen`` is ignored.
+      arrays, ``data`` the device-resident `ClientData` or the cohort's `ClientBatches`. For
+      algorithms whose server state holds the frozen base, ``frozen`` is ignored.
     """
+    if client_store not in CLIENT_STORES:
+        raise ValueError(f"client_store must be one of {CLIENT_STORES}, got {client_store!r}.")
     pipeline = pipeline or default_pipeline()
     aggregator = pipeline.aggregator
     client_update = make_client_update(algorithm, objective, schedule, pipeline, uniform_weighting)
-    vmapped = jax.vmap(
-        client_update, in_axes=(None, None, None, 0, None, 0, 0, 0, None, None, None)
-    )
+    # Chunk-wise write-back into the population store (one device, device-resident store).
+    writes_back = client_store == "device" and mesh is None
 
     def train_clients(
         frozen, broadcast, pipeline_state, states, data, cohort, round_key, hparams, context
     ):
-        """Trains one device's slots chunk by chunk; returns accumulator, stats and results."""
+        """Trains one device's slots chunk by chunk; returns accumulator, stats and results.
+
+        ``states`` is the population store when chunks write back (then returned updated), or
+        the slots' rows ``[C]`` (then their new rows are returned stacked)."""
         num_slots = cohort.client_ids.shape[0]
         chunk = clients_per_chunk or num_slots
         if num_slots % chunk:
@@ -446,18 +545,24 @@ def make_round_fn(
                 f"{chunk}; pad the cohort with fedjax_llm.sampling.cohort_slots."
             )
         num_chunks = num_slots // chunk
+        per_slot_data = isinstance(data, ClientBatches)
+        vmapped = jax.vmap(
+            client_update,
+            in_axes=(None, None, None, 0, 0 if per_slot_data else None, 0, 0, 0)
+            + (None, None, None),
+        )
 
         def chunked(x):
             return x.reshape((num_chunks, chunk) + x.shape[1:])
 
-        def run_chunk(inputs):
-            ids, chunk_states, participating, delivered = inputs
+        def run_chunk(inputs, chunk_states):
+            ids, participating, delivered, chunk_data = inputs
             return vmapped(
                 frozen,
                 broadcast,
                 pipeline_state.transform,
                 chunk_states,
-                data,
+                data if chunk_data is None else chunk_data,
                 ids,
                 participating,
                 delivered,
@@ -468,44 +573,63 @@ def make_round_fn(
 
         chunk_inputs = (
             chunked(cohort.client_ids),
-            jax.tree.map(chunked, states),
             chunked(cohort.participating),
             chunked(cohort.delivered),
+            jax.tree.map(chunked, data) if per_slot_data else None,
         )
+        slot_states = None if writes_back else jax.tree.map(chunked, states)
         one_chunk = jax.tree.map(lambda x: x[0], chunk_inputs)
-        result_like = jax.eval_shape(run_chunk, one_chunk)
+        one_states = (
+            jax.tree.map(lambda s: s[one_chunk[0]], states)
+            if writes_back
+            else jax.tree.map(lambda x: x[0], slot_states)
+        )
+        result_like = jax.eval_shape(run_chunk, one_chunk, one_states)
         upload_like = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), result_like.upload
         )
 
-        def skip_chunk(inputs):
-            # A chunk of padding only: nothing to train. Its outputs are masked downstream.
-            del inputs
-            return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), result_like)
+        def train_chunk(inputs, chunk_states):
+            def skip(inputs, chunk_states):
+                # A chunk of padding only: nothing to train. Its outputs are masked downstream.
+                del inputs, chunk_states
+                return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), result_like)
 
-        def chunk_step(carry, inputs):
-            acc, stats = carry
-            result = jax.lax.cond(jnp.any(inputs[2]), run_chunk, skip_chunk, inputs)
+            return jax.lax.cond(jnp.any(inputs[1]), run_chunk, skip, inputs, chunk_states)
+
+        def chunk_step(carry, xs):
+            acc, stats, store = carry
+            inputs, chunk_states = xs
+            if writes_back:
+                chunk_states = jax.tree.map(lambda s: s[inputs[0]], store)
+            result = train_chunk(inputs, chunk_states)
+            if writes_back:
+                store = commit_client_states(
+                    store, inputs[0], inputs[1], inputs[2], result.state, num_clients_total
+                )
             if not aggregator.gathers:
                 acc = aggregator.accumulate(
                     acc, result.upload, result.weight, pipeline_state.aggregator, hparams
                 )
             stats = jax.tree.map(lambda s, x: s + jnp.sum(x), stats, result.stats)
-            ys = (result.state, result.weight, result.metrics)
+            ys = (() if writes_back else result.state, result.weight, result.metrics)
             if aggregator.gathers:
                 ys = ys + (result.upload,)
-            return (acc, stats), ys
+            return (acc, stats, store), ys
 
         acc0 = (
             () if aggregator.gathers else aggregator.start(pipeline_state.aggregator, upload_like)
         )
         stats0 = jax.tree.map(lambda x: jnp.zeros((), jnp.float32), result_like.stats)
-        (acc, stats), ys = jax.lax.scan(chunk_step, (acc0, stats0), chunk_inputs)
+        carry0 = (acc0, stats0, states if writes_back else ())
+        (acc, stats, store), ys = jax.lax.scan(
+            chunk_step, carry0, (chunk_inputs, () if writes_back else slot_states)
+        )
         unchunk = functools.partial(jax.tree.map, lambda x: x.reshape((-1,) + x.shape[2:]))
         ys = unchunk(ys)
         if aggregator.gathers:
             acc = Gathered(ys[3], ys[1], jnp.asarray(cohort.client_ids, jnp.int32))
-        return acc, stats, ys[0], ys[1], ys[2]
+        return acc, stats, store if writes_back else ys[0], ys[1], ys[2]
 
     train_all = train_clients
     if mesh is not None:
@@ -520,23 +644,50 @@ def make_round_fn(
             return acc, jax.lax.psum(stats, CLIENT_AXIS), new_states, weights, metrics
 
         shard = P(CLIENT_AXIS)
-        train_all = jax.shard_map(
-            train_local_clients,
-            mesh=mesh,
-            in_specs=(P(), P(), P(), shard, P(), shard, P(), P(), P()),
-            out_specs=(P(), P(), shard, shard, shard),
-            check_vma=False,
-        )
+
+        def train_sharded(frozen, broadcast, pipeline_state, states, data, *rest):
+            data_spec = shard if isinstance(data, ClientBatches) else P()
+            return jax.shard_map(
+                train_local_clients,
+                mesh=mesh,
+                in_specs=(P(), P(), P(), shard, data_spec, shard, P(), P(), P()),
+                out_specs=(P(), P(), shard, shard, shard),
+                check_vma=False,
+            )(frozen, broadcast, pipeline_state, states, data, *rest)
+
+        train_all = train_sharded
 
     def round_fn(frozen, state, data, cohort, round_key, hparams):
         frozen = _frozen_of(algorithm, frozen, state.server)
         hparams = with_overrides(pipeline.transform, state.pipeline.transform, hparams)
         broadcast = algorithm.broadcast(state.server)
-        states = jax.tree.map(lambda s: s[cohort.client_ids], state.clients)
+        if client_store == "cohort" or writes_back:
+            states = state.clients
+        else:
+            states = jax.tree.map(lambda s: s[cohort.client_ids], state.clients)
         context = round_context(cohort, round_key) if pipeline.transform.uses_context else None
         acc, stats, new_states, weights, metrics = train_all(
             frozen, broadcast, state.pipeline, states, data, cohort, round_key, hparams, context
         )
+        if writes_back:
+            clients = new_states
+        elif client_store == "cohort":
+            # The cohort's rows: the new state where the upload was delivered, else the old.
+            keep = jnp.logical_and(cohort.delivered, cohort.participating)
+            clients = jax.tree.map(
+                lambda new, old: jnp.where(keep.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+                new_states,
+                state.clients,
+            )
+        else:
+            clients = commit_client_states(
+                state.clients,
+                cohort.client_ids,
+                cohort.participating,
+                cohort.delivered,
+                new_states,
+                num_clients_total,
+            )
         like = upload_shape(
             algorithm,
             pipeline,
@@ -552,7 +703,7 @@ def make_round_fn(
             cohort,
             acc,
             stats,
-            new_states,
+            clients,
             weights,
             metrics,
             round_key,
@@ -563,6 +714,34 @@ def make_round_fn(
     return round_fn
 
 
+def commit_client_states(
+    store: ClientStates,
+    client_ids: jax.Array,
+    participating: jax.Array,
+    delivered: jax.Array,
+    new_states: ClientStates,
+    num_clients_total: int,
+) -> ClientStates:
+    """Writes the new states of the clients whose upload was delivered into the store.
+
+    Padding slots and lost uploads write nowhere (their rows keep their state).
+
+    Args:
+      store: the population's `ClientStates` ``[N, ...]``.
+      client_ids: ``[S]`` the slots' client ids.
+      participating: ``[S]`` which slots hold a sampled client.
+      delivered: ``[S]`` which slots' uploads arrived.
+      new_states: the slots' new `ClientStates` ``[S, ...]``.
+      num_clients_total: ``N`` (an out-of-range row that the write drops).
+
+    Returns:
+      The updated store.
+    """
+    written = jnp.logical_and(delivered, participating)
+    target = jnp.where(written, client_ids, num_clients_total)
+    return jax.tree.map(lambda s, new: s.at[target].set(new, mode="drop"), store, new_states)
+
+
 def finish_round(
     algorithm: Algorithm,
     pipeline: AggregationPipeline,
@@ -571,14 +750,14 @@ def finish_round(
     cohort: Cohort,
     accumulated: PyTree,
     stats: dict,
-    new_states: ClientStates,
+    clients: ClientStates,
     weights: jax.Array,
     metrics: dict,
     round_key: jax.Array,
     hparams: HyperParams,
     upload_like: PyTree,
 ) -> tuple[RoundState, RoundOutput]:
-    """The tail of a round: aggregate, transform and server updates, client-state scatter.
+    """The tail of a round: aggregate, transform and server updates.
 
     Args:
       algorithm: the algorithm.
@@ -588,7 +767,7 @@ def finish_round(
       cohort: the round's `Cohort` ``[C]``.
       accumulated: the streaming aggregator's summed accumulator, or a `Gathered`.
       stats: the upload transforms' stats summed over delivered clients.
-      new_states: ``[C]`` the slots' new `ClientStates`.
+      clients: the client states after the round (`commit_client_states` done).
       weights: ``[C]`` aggregation weights.
       metrics: per-slot metric sums ``{name: [C]}``.
       round_key: the round's key (the server side derives its keys from it, see `round_keys`).
@@ -614,12 +793,6 @@ def finish_round(
     if not pipeline.aggregator.updates_when_empty:
         # No upload arrived: the server state stays exactly as it was.
         server = _tree_where(info.num_participants > 0, server, state.server)
-    # Only delivered clients commit their new state; padding and lost uploads write nowhere.
-    delivered = jnp.logical_and(cohort.delivered, cohort.participating)
-    target = jnp.where(delivered, cohort.client_ids, num_clients_total)
-    clients = jax.tree.map(
-        lambda store, new: store.at[target].set(new, mode="drop"), state.clients, new_states
-    )
     totals = jax.tree.map(jnp.sum, metrics)
     output = RoundOutput(
         train_loss=totals[LOSS_SUM] / jnp.maximum(totals[LOSS_WEIGHT], 1.0),
@@ -702,6 +875,14 @@ def make_sequential_round(
 
     @jax.jit
     def finish(state, cohort, accumulated, stats, new_states, weights, metrics, key, hparams):
+        clients = commit_client_states(
+            state.clients,
+            cohort.client_ids,
+            cohort.participating,
+            cohort.delivered,
+            new_states,
+            num_clients_total,
+        )
         return finish_round(
             algorithm,
             pipeline,
@@ -710,7 +891,7 @@ def make_sequential_round(
             cohort,
             accumulated,
             stats,
-            new_states,
+            clients,
             weights,
             metrics,
             key,

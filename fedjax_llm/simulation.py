@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -23,8 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_llm import distributed
 from fedjax_llm.algorithms import Algorithm, HyperParams, build_algorithm
 from fedjax_llm.checkpoint import Checkpointer, CheckpointMismatchError, config_differences
+from fedjax_llm.client_store import (
+    BatchPrefetcher,
+    HostClientData,
+    HostStateStore,
+    choose_placement,
+    to_device,
+)
+from fedjax_llm.compilation_cache import configure_compilation_cache
 from fedjax_llm.config import (
     DATA_ATTACKS,
     ConfigError,
@@ -94,6 +104,7 @@ from fedjax_llm.privacy.plan import PrivacyPlan, RunPrivacy, make_privacy_plan
 from fedjax_llm.robustness import malicious_clients, with_attack
 from fedjax_llm.round import (
     CLIENT_AXIS,
+    ClientBatches,
     ClientData,
     LocalSchedule,
     RoundOutput,
@@ -104,6 +115,7 @@ from fedjax_llm.round import (
     round_hparams,
     upload_shape,
 )
+from fedjax_llm.run_artifacts import LEARNING_CURVES, TensorBoardWriter, write_learning_curves
 from fedjax_llm.sampling import (
     AvailabilitySampler,
     ClientSampler,
@@ -215,8 +227,9 @@ def resume_differences(saved: dict, config: ExperimentConfig) -> list[str]:
       ``["client.lr: 0.1 -> 0.2", ...]``: every changed field outside `RESUMABLE_FIELDS`, and
       ``run.num_rounds`` when a learning-rate schedule spans it.
     """
-    current = config_to_dict(config)
-    diffs = config_differences(saved, current)
+    # How the processes were launched (distributed.*) never changes a result.
+    current = {k: v for k, v in config_to_dict(config).items() if k != "distributed"}
+    diffs = config_differences({k: v for k, v in saved.items() if k != "distributed"}, current)
     saved_rounds = saved.get("run", {}).get("num_rounds")
     scheduled = [
         name
@@ -249,6 +262,8 @@ CLIENT_RESULTS = "eval_clients.jsonl"
 
 def _client_results_writer(run_dir: str, start_round: int) -> MetricsWriter:
     """The writer of `CLIENT_RESULTS`, keeping only the evaluations of the restored state."""
+    if not distributed.is_main_process():
+        return distributed.NullMetricsWriter()
     path = os.path.join(run_dir, CLIENT_RESULTS)
     kept = []
     if start_round and os.path.exists(path):
@@ -321,7 +336,11 @@ class Simulation:
     ):
         self._started = time.perf_counter()
         self.config = config.validate()
-        self.verbose = verbose
+        # Before anything compiles (the model init, evaluation and the round).
+        self.compilation_cache_dir = configure_compilation_cache(config.run.compilation_cache_dir)
+        distributed.check_launch(config)
+        # Over several processes only process 0 prints and writes (see fedjax_llm.distributed).
+        self.verbose = verbose and distributed.is_main_process()
         self.run_dir = config.run.output_dir
         init_key, trainable_key, self.train_key = run_keys(config)
         self.mesh = client_mesh(config)
@@ -421,32 +440,60 @@ class Simulation:
         # state's buffers).
         self._initial_params = jax.tree.map(jnp.copy, params) if p.audit_canaries else None
         frozen = self.trainable.frozen(base)
-        self.state = init_round_state(
+        init_state = functools.partial(
+            init_round_state,
             self.algorithm,
             params,
-            self.num_clients,
-            self.pipeline,
+            pipeline=self.pipeline,
             frozen=frozen,
             hparams=round_hparams(0.0, values=values),
         )
+        # One client's row of the store decides, with the examples, where the population lives.
+        one_client = init_state(1)
+        population_bytes = sum(int(np.asarray(x).nbytes) for x in examples.values()) + (
+            tree_bytes(one_client.clients) * self.num_clients
+        )
+        self.placement = choose_placement(
+            config.run.client_data, population_bytes, device_memory_bytes()
+        )
+        if self.placement == "host" and distributed.is_multiprocess():
+            raise ConfigError(
+                "run.client_data=host is single-process; several processes need the "
+                "population on the devices (run.client_data=device)."
+            )
         # An algorithm that owns the base keeps it in its server state (checkpointed there).
         self._frozen = None if self.algorithm.server_frozen is not None else frozen
-        self.client_data = ClientData(
-            examples={
-                name: jnp.asarray(x, jnp.int32 if name == "tokens" else None)
-                for name, x in examples.items()
-            },
-            # Canary clients train on client 0's examples (their upload is replaced anyway).
-            client_start=jnp.asarray(
-                np.concatenate([train.client_start, np.full(p.audit_canaries, 0)]), jnp.int32
-            ),
-            client_count=jnp.asarray(
-                np.concatenate(
-                    [train.client_count, np.full(p.audit_canaries, train.client_count[0])]
-                ),
-                jnp.int32,
-            ),
+        # Canary clients train on client 0's examples (their upload is replaced anyway).
+        client_start = np.concatenate([train.client_start, np.full(p.audit_canaries, 0)])
+        client_count = np.concatenate(
+            [train.client_count, np.full(p.audit_canaries, train.client_count[0])]
         )
+        self.host_data: HostClientData | None = None
+        self.host_store: HostStateStore | None = None
+        self.client_data: ClientData | None = None
+        if self.placement == "host":
+            self.state = one_client
+            self.host_data = HostClientData(examples, client_start, client_count)
+            try:
+                self.host_store = HostStateStore(
+                    jax.tree.map(lambda x: x[0], one_client.clients),
+                    self.num_clients,
+                    config.run.client_store_dir,
+                )
+            except OSError as err:
+                raise ConfigError(str(err)) from None
+        else:
+            self.state = init_state(self.num_clients)
+            self.client_data = ClientData(
+                examples={
+                    name: jnp.asarray(x, jnp.int32 if name == "tokens" else None)
+                    for name, x in examples.items()
+                },
+                client_start=jnp.asarray(client_start, jnp.int32),
+                client_count=jnp.asarray(client_count, jnp.int32),
+            )
+        self._prefetcher: BatchPrefetcher | None = None
+        self._example_fields = tuple(examples)
         c = config.client
         self.schedule = LocalSchedule(
             local_steps=c.local_steps,
@@ -472,10 +519,13 @@ class Simulation:
                 self.schedule,
                 clients_per_chunk=config.run.clients_per_chunk,
                 mesh=self.mesh,
+                client_store="cohort" if self.placement == "host" else "device",
                 **round_args,
             )
             # Donating the state lets XLA update it (and the client store) in place.
-            self.round_fn = jax.jit(round_fn, donate_argnums=(1,))
+            self.round_fn = jax.jit(
+                round_fn, donate_argnums=(1,), **distributed.jit_shardings(self.mesh)
+            )
         self._compiled: Any = None
         if isinstance(self.data, ClientArrays):
             self.eval_step = make_arrays_eval_step(self.objective)
@@ -506,8 +556,10 @@ class Simulation:
 
     @property
     def params(self) -> PyTree:
-        """The current global trainable parameters."""
-        return self.algorithm.server_params(self.state.server)
+        """The current global trainable parameters (over several processes: this process's
+        replica)."""
+        params = self.algorithm.server_params(self.state.server)
+        return distributed.local_view(params) if distributed.is_multiprocess() else params
 
     @property
     def server_state(self) -> PyTree:
@@ -516,15 +568,21 @@ class Simulation:
 
     @property
     def client_store(self) -> PyTree:
-        """The per-client state store (`ClientStates` with a leading client axis)."""
+        """The per-client state store (`ClientStates` with a leading client axis; host arrays
+        when the population is host-resident)."""
+        if self.host_store is not None:
+            return self.host_store.tree()
         return self.state.clients
 
     @property
     def frozen(self) -> PyTree:
         """The frozen base the clients train against (from the server state if it owns it)."""
-        if self.algorithm.server_frozen is not None:
-            return self.algorithm.server_frozen(self.state.server)
-        return self._frozen
+        frozen = (
+            self.algorithm.server_frozen(self.state.server)
+            if self.algorithm.server_frozen is not None
+            else self._frozen
+        )
+        return distributed.local_view(frozen) if distributed.is_multiprocess() else frozen
 
     def _check_gathering_memory(self) -> None:
         if not self.pipeline.aggregator.gathers:
@@ -553,7 +611,7 @@ class Simulation:
         return {
             "server_state": self.state.server,
             "pipeline_state": self.state.pipeline,
-            "client_store": self.state.clients,
+            "client_store": self.client_store,
             "train_key": jax.random.key_data(self.train_key),
         }
 
@@ -569,6 +627,40 @@ class Simulation:
         return meta
 
     def _prepare_run_dir(self) -> None:
+        if distributed.is_multiprocess():
+            self._prepare_run_dir_of_processes()
+        else:
+            self._prepare_local_run_dir()
+
+    def _prepare_run_dir_of_processes(self) -> None:
+        """`_prepare_local_run_dir` over several processes: process 0 prepares the run
+        directory and reads the checkpoint to resume from; the others receive its outcome (its
+        error, or the restored state), so that every process starts from the same round."""
+        failure = None
+        if distributed.is_main_process():
+            try:
+                self._prepare_local_run_dir()
+            except Exception as err:  # noqa: BLE001 - told to the other processes, then raised
+                failure = err
+        else:
+            self.checkpointer = distributed.CheckpointNames(
+                os.path.join(self.run_dir, "checkpoints")
+            )
+        message = distributed.broadcast_json(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise distributed.ProcessError(f"process 0 stopped: {first_line(message)}")
+        privacy = self.privacy.state() if self.privacy is not None else None
+        meta = distributed.broadcast_json(
+            {"round": self.start_round, "history": self.history, "privacy": privacy}
+        )
+        if meta["round"]:
+            state = distributed.broadcast_arrays(self._state())
+            if not distributed.is_main_process():
+                self._apply_checkpoint(meta["round"], state, meta)
+
+    def _prepare_local_run_dir(self) -> None:
         run = self.config.run
         check_run_directory(self.config)
         ckpt_dir = os.path.join(self.run_dir, "checkpoints")
@@ -644,8 +736,14 @@ class Simulation:
         self.state = RoundState(
             server=jax.tree.map(jnp.asarray, state["server_state"]),
             pipeline=jax.tree.map(jnp.asarray, state["pipeline_state"]),
-            clients=jax.tree.map(jnp.asarray, state["client_store"]),
+            clients=(
+                self.state.clients
+                if self.host_store is not None
+                else jax.tree.map(jnp.asarray, state["client_store"])
+            ),
         )
+        if self.host_store is not None:
+            self.host_store.load(state["client_store"])
         self.train_key = jax.random.wrap_key_data(jnp.asarray(state["train_key"]))
         self.history = meta["history"]
         self.start_round = round_num
@@ -727,17 +825,65 @@ class Simulation:
             ids, self.slots, self.config.sampling.dropout, self.config.run.seed, round_num
         )
 
+    def _round_key(self, round_num: int) -> jax.Array:
+        return jax.random.fold_in(self.train_key, round_num)
+
+    def _load_cohort_batches(self, round_num: int) -> ClientBatches:
+        """A round's cohort batches gathered on the host and sent to the device."""
+        assert self.host_data is not None
+        batches = self.host_data.cohort_batches(
+            self.cohort(round_num).client_ids, self._round_key(round_num), self.schedule
+        )
+        examples = {
+            name: x.astype(np.int32) if name == "tokens" else x
+            for name, x in batches.examples.items()
+        }
+        return to_device(batches._replace(examples=examples), self._client_sharding())
+
+    def _client_sharding(self) -> jax.sharding.Sharding | None:
+        if self.mesh is None:
+            return None
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(CLIENT_AXIS))
+
     def _round_inputs(self, round_num: int) -> tuple[Cohort, tuple]:
         """A round's cohort and the compiled round's arguments."""
         cohort = self.cohort(round_num)
-        round_key = jax.random.fold_in(self.train_key, round_num)
+        round_key = self._round_key(round_num)
+        if distributed.is_multiprocess():
+            return cohort, self._global_round_inputs(cohort, round_key, round_num)
+        state, data = self.state, self.client_data
+        if self.host_store is not None:
+            # Host-resident population: the cohort's batches (prefetched during the last
+            # round) and the cohort's rows of the state store.
+            if self._prefetcher is None:
+                self._prefetcher = BatchPrefetcher(self._load_cohort_batches)
+            data = self._prefetcher.get(round_num)
+            rows = self.host_store.gather(cohort.client_ids)
+            state = state._replace(clients=to_device(rows, self._client_sharding()))
         return cohort, (
             self.frozen,
-            self.state,
-            self.client_data,
+            state,
+            data,
             jax.tree.map(jnp.asarray, cohort),
             round_key,
             self.hyperparams(round_num),
+        )
+
+    def _global_round_inputs(self, cohort: Cohort, round_key: jax.Array, round_num: int) -> tuple:
+        """The compiled round's arguments over several processes: global arrays replicated on
+        the devices of all of them (`fedjax_llm.distributed`). The base, the data and the
+        state become global arrays once; the round returns the state replicated."""
+        mesh = self.mesh
+        self._frozen = distributed.replicate(self._frozen, mesh)
+        self.client_data = distributed.replicate(self.client_data, mesh)
+        self.state = distributed.replicate(self.state, mesh)
+        return (
+            self._frozen,
+            self.state,
+            self.client_data,
+            distributed.replicate(jax.tree.map(jnp.asarray, cohort), mesh),
+            distributed.replicate(round_key, mesh),
+            distributed.replicate(self.hyperparams(round_num), mesh),
         )
 
     def compile(self) -> float:
@@ -759,7 +905,7 @@ class Simulation:
                     f"algorithm ({c.algorithm.name}), aggregation.transforms "
                     f"{list(c.aggregation.transforms)}, aggregation.aggregator "
                     f"({c.aggregation.aggregator}) and the objective fit trainable.mode="
-                    f"{c.trainable.mode} and the data's fields {sorted(self.client_data.examples)}."
+                    f"{c.trainable.mode} and the data's fields {sorted(self._example_fields)}."
                 ) from err
             with _device_memory("compiling the round"):
                 self._compiled = lowered.compile()
@@ -773,8 +919,19 @@ class Simulation:
             self.compile()
         cohort, inputs = self._round_inputs(round_num)
         with _device_memory(f"round {round_num + 1}"):
-            self.state, out = self._compiled(*inputs)
-            return jax.device_get(out), cohort
+            state, out = self._compiled(*inputs)
+            if self.host_store is None:
+                self.state = state
+                return jax.device_get(out), cohort
+            # The device trains (dispatch is asynchronous) while the host gathers the next
+            # round's batches; then the cohort's new states go back into the host store.
+            if round_num + 1 < self.config.run.num_rounds:
+                self._prefetcher.prefetch(round_num + 1)
+            out, rows = jax.device_get((out, state.clients))
+            written = np.logical_and(cohort.delivered, cohort.participating)
+            self.host_store.scatter(cohort.client_ids, written, rows)
+            self.state = state._replace(clients=self.state.clients)
+            return out, cohort
 
     def _communication(self) -> tuple[int, int]:
         """Bytes one client downloads (the broadcast) and uploads (its `ClientOutput`)."""
@@ -805,8 +962,15 @@ class Simulation:
         config, run = self.config, self.config.run
         self._prepare_run_dir()
         assert self.checkpointer is not None
-        writer = MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"), self.history)
+        writer = (
+            MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl"), self.history)
+            if distributed.is_main_process()
+            else distributed.NullMetricsWriter()
+        )
         client_writer = _client_results_writer(self.run_dir, self.start_round)
+        # On resume, TensorBoard hides the earlier process's events from the first new record.
+        first_new = self.start_round + 1 if self.start_round else 0
+        board = TensorBoardWriter(self.run_dir, purge_step=first_new if run.resume else None)
         self._first_new_record = len(self.history)
         progress = RoundProgress(run.num_rounds, self.start_round, enabled=self.verbose)
         evaluates = config.eval.every > 0
@@ -821,6 +985,7 @@ class Simulation:
                     progress.log_eval(0, {k: v for k, v in record.items() if "/" in k})
                 self.history.append(record)
                 writer.write(record)
+                board.write(record)
             compile_s = self.compile()
             down_bytes, up_bytes = self._communication()
             state_bytes = tree_bytes(self._state())
@@ -842,6 +1007,7 @@ class Simulation:
                     if not math.isfinite(record["train_loss"]) or not out.params_finite:
                         # Checked before any save: a checkpoint never holds NaN parameters.
                         writer.write(record)
+                        board.write(record)
                         what = (
                             f"training loss is {record['train_loss']}"
                             if not math.isfinite(record["train_loss"])
@@ -860,6 +1026,7 @@ class Simulation:
                         self._save(completed, record, state_bytes)
                         saved, last_good = completed, self.checkpointer.path(completed)
                     writer.write(record)
+                    board.write(record)
                     if completed % run.log_every == 0:
                         status = f"loss {record['train_loss']:.4f}"
                         if "privacy/epsilon" in record:
@@ -880,6 +1047,7 @@ class Simulation:
                 progress.log(self.stopped_by_budget)
             self.audit = self._audit(progress)
             self._write_summary(progress)
+            write_learning_curves(self.history, os.path.join(self.run_dir, LEARNING_CURVES))
         except KeyboardInterrupt as err:
             raise RunInterrupted(
                 f"{interruption(err)} after {completed} completed rounds; the last committed "
@@ -888,8 +1056,12 @@ class Simulation:
             ) from None
         finally:
             writer.close()
+            board.close()
             client_writer.close()
             self.checkpointer.close()
+            if self._prefetcher is not None:
+                self._prefetcher.close()
+                self._prefetcher = None
         return self.history
 
     def _audit(self, progress: RoundProgress) -> dict | None:
@@ -942,8 +1114,9 @@ class Simulation:
                 "membership inference on held-in vs held-out clients: AUC "
                 f"{out['membership_inference']['auc']:.3f}"
             )
-        with open(os.path.join(self.run_dir, "privacy_audit.json"), "w") as f:
-            json.dump(out, f, indent=1)
+        if distributed.is_main_process():
+            with open(os.path.join(self.run_dir, "privacy_audit.json"), "w") as f:
+                json.dump(out, f, indent=1)
         return out
 
     def _client_train_losses(self, client_ids: np.ndarray) -> np.ndarray:
@@ -983,7 +1156,12 @@ class Simulation:
     def _save(self, completed: int, record: dict | None, state_bytes: int) -> None:
         assert self.checkpointer is not None
         t0 = time.perf_counter()
-        self.checkpointer.save(completed, self._state(), self._metadata(completed))
+        if not distributed.is_multiprocess():
+            self.checkpointer.save(completed, self._state(), self._metadata(completed))
+        elif distributed.is_main_process():
+            # Process 0 saves a host copy of the replicated state; the others go on.
+            state = jax.device_get(self._state())
+            self.checkpointer.save(completed, state, self._metadata(completed))
         if record is not None:
             record["checkpoint_bytes"] = state_bytes
             record["checkpoint_time_s"] = time.perf_counter() - t0
@@ -1070,6 +1248,15 @@ class Simulation:
             f"clients sharded over {1 if self.mesh is None else self.mesh.size} of "
             f"{jax.device_count()} device(s): {jax.devices()[0].device_kind}"
         )
+        if self.host_store is not None:
+            progress.log(
+                f"client data: host-resident ({self.host_data.nbytes / 2**20:,.1f} MiB of "
+                f"examples, {self.host_store.nbytes / 2**20:,.1f} MiB client store"
+                + (f" in {c.run.client_store_dir}" if c.run.client_store_dir else "")
+                + "); each round's batches and states are sent to the device"
+            )
+        else:
+            progress.log("client data: device-resident")
         if c.run.save_checkpoints:
             store = tree_bytes(self.state.clients)
             progress.log(
@@ -1084,6 +1271,8 @@ class Simulation:
             progress.log(note)
 
     def _write_summary(self, progress: RoundProgress) -> None:
+        if not distributed.is_main_process():
+            return
         evals = [h for h in self.history if "eval/loss" in h]
         rounds = [h for h in self.history if "round_time_s" in h]
         summary = {
@@ -1095,6 +1284,7 @@ class Simulation:
             "before": evals[0] if evals else {},
             "after": evals[-1] if evals else {},
             "wall_time_s": self.wall_time_breakdown(),
+            "client_data": self.placement,
         }
         if self.privacy is not None:
             plan = self.privacy_plan
@@ -1322,6 +1512,7 @@ def build_model(
             )
         except (ModelLoadError, ValueError, FileNotFoundError) as err:
             raise ConfigError(f"pretrained.path: {err}") from None
+        model_config = dataclasses.replace(model_config, remat=config.model.remat)
         try:
             chat_template = _read_chat_template(config.data.chat_template)
             tokenizer = load_tokenizer(config.pretrained.path, chat_template=chat_template)
@@ -1350,9 +1541,14 @@ def build_model(
 def client_mesh(config: ExperimentConfig) -> jax.sharding.Mesh | None:
     """The device mesh the sampled clients are sharded over, or None for one device.
 
+    Over several processes (`fedjax_llm.distributed`) it spans the devices of all of them.
+
     Raises:
-      ConfigError: if more devices are asked for than exist.
+      ConfigError: if more devices are asked for than exist (or, over several processes, if
+        ``run.devices`` is not all of them).
     """
+    if jax.process_count() > 1:
+        return distributed.client_mesh(config, CLIENT_AXIS)
     available = jax.local_devices()
     count = config.run.devices or len(available)
     if count > len(available):
