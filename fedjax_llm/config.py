@@ -581,9 +581,11 @@ class RunConfig:
       num_rounds: rounds to run in total (a resumed run continues up to this round).
       num_clients_per_round: clients per round (the expected number with Poisson sampling).
       clients_per_chunk: clients vmapped together on one device; chunks run in a scan, so
-        memory is that of one chunk. None runs all of a device's sampled clients in one vmap.
-        The round's client axis is padded to whole chunks on every device; padding costs no
-        result and is reported.
+        memory is that of one chunk. ``auto`` (the default) picks the chunk from the step's
+        token rows, the platform and the device's memory (`fedjax_llm.chunking`); the choice
+        is printed and recorded in summary.json. None runs all of a device's sampled clients
+        in one vmap. The round's client axis is padded to whole chunks on every device;
+        padding costs no result and is reported.
       devices: devices the sampled clients are sharded over (a `clients` mesh axis). 0 uses
         every local device; a run over several processes (``distributed``) needs 0, all
         devices of all processes.
@@ -619,7 +621,7 @@ class RunConfig:
 
     num_rounds: int = 60
     num_clients_per_round: int = 16
-    clients_per_chunk: int | None = None
+    clients_per_chunk: int | Literal["auto"] | None = "auto"
     devices: int = 1
     engine: EngineName = "compiled"
     seed: int = 0
@@ -778,7 +780,6 @@ FIELD_RANGES: dict[type, dict[str, Range]] = {
     RunConfig: {
         "num_rounds": positive(),
         "num_clients_per_round": positive(),
-        "clients_per_chunk": positive("null: one chunk of all of a device's clients"),
         "devices": at_least(0, "0: every device (of every process in a multi-process run)"),
         # jax.random.key keeps 32 bits of a seed: 2**32 would silently repeat seed 0.
         "seed": between(0, 2**32 - 1, note="JAX PRNG keys hold 32-bit seeds"),
@@ -1112,6 +1113,19 @@ class ExperimentConfig:
 
     def _validate_sampling_and_aggregation(self) -> None:
         sampling, aggregation = self.sampling, self.aggregation
+        chunk = self.run.clients_per_chunk
+        if isinstance(chunk, str) and chunk != "auto":
+            raise _FieldError(
+                "run.clients_per_chunk",
+                f"run.clients_per_chunk={chunk!r}; it must be auto, a positive integer or null.",
+            )
+        if not isinstance(chunk, str | None) and (
+            isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0
+        ):
+            raise _FieldError(
+                "run.clients_per_chunk",
+                f"run.clients_per_chunk={chunk!r}; it must be auto, a positive integer or null.",
+            )
         if self.run.client_data == "host" and self.run.engine == "sequential":
             raise ConfigError(
                 "run.client_data=host needs run.engine=compiled (the sequential reference "

@@ -27,6 +27,7 @@ import numpy as np
 from fedjax_llm import distributed
 from fedjax_llm.algorithms import Algorithm, HyperParams, build_algorithm
 from fedjax_llm.checkpoint import Checkpointer, CheckpointMismatchError, config_differences
+from fedjax_llm.chunking import activation_bytes_per_client, auto_chunk_size
 from fedjax_llm.client_store import (
     BatchPrefetcher,
     HostClientData,
@@ -415,10 +416,11 @@ class Simulation:
         # The accountant of the rounds that ran (restored with a checkpoint).
         self.privacy = RunPrivacy(self.privacy_plan) if self.privacy_plan is not None else None
         devices = 1 if self.mesh is None else self.mesh.size
-        self.slots = cohort_slots(self.sampler.max_cohort, config.run.clients_per_chunk, devices)
         examples = train.examples
         if not isinstance(examples, dict):
             examples = {"tokens": examples.tokens, "loss_mask": examples.loss_mask}
+        self.clients_per_chunk = self._chunk_size(examples, devices)
+        self.slots = cohort_slots(self.sampler.max_cohort, self.clients_per_chunk, devices)
         if "tokens" in examples and len(examples["tokens"]):
             top = int(np.max(examples["tokens"]))
             if top >= self.model_config.vocab_size or int(np.min(examples["tokens"])) < 0:
@@ -517,7 +519,7 @@ class Simulation:
                 self.algorithm,
                 self.objective,
                 self.schedule,
-                clients_per_chunk=config.run.clients_per_chunk,
+                clients_per_chunk=self.clients_per_chunk,
                 mesh=self.mesh,
                 client_store="cohort" if self.placement == "host" else "device",
                 **round_args,
@@ -553,6 +555,34 @@ class Simulation:
         self.client_results: list[dict] = []
         # Where the records this process adds start in ``history`` (set by `run`).
         self._first_new_record = 0
+
+    def _chunk_size(self, examples: dict, devices: int) -> int | None:
+        """``run.clients_per_chunk``, with ``auto`` resolved (`fedjax_llm.chunking`)."""
+        chunk = self.config.run.clients_per_chunk
+        if chunk != "auto":
+            return chunk
+        first = examples.get("tokens", next(iter(examples.values())))
+        seq_len = int(np.shape(first)[1]) if np.ndim(first) > 1 else 1
+        batch = self.config.client.batch_size
+        m = self.model_config
+        dtype_bytes = np.dtype(m.compute_dtype).itemsize
+        per_client = activation_bytes_per_client(
+            batch,
+            seq_len,
+            m.hidden_size,
+            m.intermediate_size,
+            m.num_layers,
+            m.num_heads,
+            m.vocab_size,
+            dtype_bytes,
+        )
+        return auto_chunk_size(
+            math.ceil(self.sampler.max_cohort / devices),
+            batch * seq_len,
+            jax.devices()[0].platform,
+            per_client,
+            device_memory_bytes(),
+        )
 
     @property
     def params(self) -> PyTree:
@@ -1244,7 +1274,9 @@ class Simulation:
             f"({c.trainable.mode}): {count_params(self.params)}; algorithm {c.algorithm.name}; "
             f"{c.sampling.kind} sampling of {c.run.num_clients_per_round} of "
             f"{self.num_clients} clients per round in {self.slots} slots"
-            f"{f' ({padding} padding)' if padding else ''}; "
+            f"{f' ({padding} padding)' if padding else ''}, "
+            f"{self.clients_per_chunk or self.slots} per chunk"
+            f"{' (auto)' if c.run.clients_per_chunk == 'auto' else ''}; "
             f"clients sharded over {1 if self.mesh is None else self.mesh.size} of "
             f"{jax.device_count()} device(s): {jax.devices()[0].device_kind}"
         )
@@ -1285,6 +1317,7 @@ class Simulation:
             "after": evals[-1] if evals else {},
             "wall_time_s": self.wall_time_breakdown(),
             "client_data": self.placement,
+            "clients_per_chunk": self.clients_per_chunk,
         }
         if self.privacy is not None:
             plan = self.privacy_plan

@@ -170,8 +170,13 @@ def test_range_messages_name_the_range_and_what_special_values_mean():
         load_config(None, ["--run.seed", str(2**32)])  # jax.random.key(2**32) == key(0)
     with pytest.raises(ConfigError, match=r"client\.lr=nan is not a finite number"):
         load_config(None, ["--client.lr", "nan"])
-    with pytest.raises(ConfigError, match=r"run\.clients_per_chunk=0 must be positive, or null"):
+    chunk_error = r"run\.clients_per_chunk=.*it must be auto, a positive integer or null"
+    with pytest.raises(ConfigError, match=chunk_error):
         load_config(None, ["--run.clients_per_chunk", "0"])
+    with pytest.raises(ConfigError, match=r"(?s)run\.clients_per_chunk: .*'fast'.* auto"):
+        load_config(None, ["--run.clients_per_chunk", "fast"])
+    assert load_config(None, ["--run.clients_per_chunk", "8"]).run.clients_per_chunk == 8
+    assert load_config(None, []).run.clients_per_chunk == "auto"
 
 
 @pytest.mark.parametrize(
