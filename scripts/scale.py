@@ -101,7 +101,9 @@ def population(args: argparse.Namespace) -> dict:
     history = sim.run()
     times = [h["round_time_s"] for h in history if "round_time_s" in h]
     store_dir = os.path.join(work, "store")
-    disk = subprocess.run(["du", "-s", "--block-size=1", store_dir], capture_output=True, text=True).stdout
+    disk = subprocess.run(
+        ["du", "-s", "--block-size=1", store_dir], capture_output=True, text=True
+    ).stdout
     result = {
         "clients": n,
         "per_round": args.per_round,
