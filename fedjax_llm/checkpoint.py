@@ -141,17 +141,29 @@ class Checkpointer:
         self._verified: set[int] = set()
         if read_only and not os.path.isdir(self.directory):
             raise CheckpointReadError(f"{self.directory} is not a folder of checkpoints.")
+        # In a run over several processes each Checkpointer serves its own process alone (the
+        # simulation saves from process 0 only): orbax then never waits for the others.
+        alone = {}
+        if jax.distributed.is_initialized() and jax.process_count() > 1:
+            me = jax.process_index()
+            alone["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}
+            )
         try:
+            if alone and not read_only:
+                os.makedirs(self.directory, exist_ok=True)
             with _quiet_storage_threads():
                 self._manager = ocp.CheckpointManager(
                     self.directory,
                     options=ocp.CheckpointManagerOptions(
                         max_to_keep=keep,
-                        create=not read_only,
+                        # orbax creates the folder only with every process taking part.
+                        create=not read_only and not alone,
                         read_only=read_only,
                         # Leftovers of a save that was killed or failed are never committed.
                         cleanup_tmp_directories=not read_only,
                         enable_async_checkpointing=False,
+                        **alone,
                     ),
                 )
         except OSError as err:

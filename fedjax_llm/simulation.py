@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -524,11 +525,16 @@ class Simulation:
                 client_store="cohort" if self.placement == "host" else "device",
                 **round_args,
             )
+            # The pure round, for a `fedjax_llm.replicas.ReplicaGroup` that vmaps it.
+            self.round_body = round_fn
             # Donating the state lets XLA update it (and the client store) in place.
             self.round_fn = jax.jit(
                 round_fn, donate_argnums=(1,), **distributed.jit_shardings(self.mesh)
             )
         self._compiled: Any = None
+        # Set by a `ReplicaGroup` that runs this simulation's rounds with others' in one program.
+        self.replica_group: Any = None
+        self.replica_index: int | None = None
         if isinstance(self.data, ClientArrays):
             self.eval_step = make_arrays_eval_step(self.objective)
         else:
@@ -920,6 +926,10 @@ class Simulation:
         """Compiles the round ahead of time; returns the compile time in seconds (0 for the
         sequential engine, whose pieces compile on first use)."""
         _, inputs = self._round_inputs(self.start_round)
+        if self.replica_group is not None:
+            self.compile_time_s = self.replica_group.compile(self, inputs)
+            self._compiled = self.replica_group
+            return self.compile_time_s
         t0 = time.perf_counter()
         if self.config.run.engine == "sequential":
             self._compiled = self.round_fn
@@ -948,6 +958,10 @@ class Simulation:
         if self._compiled is None:
             self.compile()
         cohort, inputs = self._round_inputs(round_num)
+        if self.replica_group is not None:
+            with _device_memory(f"round {round_num + 1}"):
+                self.state, out = self.replica_group.run_round(self, round_num, cohort, inputs)
+            return out, cohort
         with _device_memory(f"round {round_num + 1}"):
             state, out = self._compiled(*inputs)
             if self.host_store is None:
@@ -1000,7 +1014,11 @@ class Simulation:
         client_writer = _client_results_writer(self.run_dir, self.start_round)
         # On resume, TensorBoard hides the earlier process's events from the first new record.
         first_new = self.start_round + 1 if self.start_round else 0
-        board = TensorBoardWriter(self.run_dir, purge_step=first_new if run.resume else None)
+        board = (
+            TensorBoardWriter(self.run_dir, purge_step=first_new if run.resume else None)
+            if distributed.is_main_process()
+            else types.SimpleNamespace(write=lambda record: None, close=lambda: None)
+        )
         self._first_new_record = len(self.history)
         progress = RoundProgress(run.num_rounds, self.start_round, enabled=self.verbose)
         evaluates = config.eval.every > 0
@@ -1077,7 +1095,8 @@ class Simulation:
                 progress.log(self.stopped_by_budget)
             self.audit = self._audit(progress)
             self._write_summary(progress)
-            write_learning_curves(self.history, os.path.join(self.run_dir, LEARNING_CURVES))
+            if distributed.is_main_process():
+                write_learning_curves(self.history, os.path.join(self.run_dir, LEARNING_CURVES))
         except KeyboardInterrupt as err:
             raise RunInterrupted(
                 f"{interruption(err)} after {completed} completed rounds; the last committed "

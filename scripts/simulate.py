@@ -4,6 +4,8 @@ With no arguments it runs the embedded default, ``configs/default.yaml``. Any co
 overridden with a dotted flag, e.g. ``--client.lr 0.05 --run.num_rounds 10``. A mistake in the
 config or the input is one line naming the key or file and the fix (exit code 2); Ctrl-C or
 SIGTERM stops with the checkpoint to continue from (``--run.resume true``, exit code 130).
+With ``--distributed.*`` keys each of several processes runs this same command (see
+``scripts/launch_local.py`` and the README's "Several hosts").
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ def _simulate(argv: list[str] | None, context) -> int:
         print(__doc__)
         print(config_help())
         return 0
+    from fedjax_llm import distributed
     from fedjax_llm.config import load_config
     from fedjax_llm.simulation import Simulation, check_run_directory
 
     config = load_config(os.path.normpath(args.config), overrides)
+    # Before any other JAX call: a run over several processes joins them here.
+    distributed.initialize(config)
     # Before the model and data load: an unwritable or occupied run directory fails at once.
     check_run_directory(config)
     context.log_dir = config.run.output_dir
