@@ -240,7 +240,9 @@ class ReplicaGroup:
             finally:
                 self.leave(sim)
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(self.sims))]
+        threads = [
+            threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(self.sims))
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
