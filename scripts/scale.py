@@ -4,6 +4,7 @@ Usage:
   python scripts/scale.py memory                  # XLA temp bytes at 256, 1,000, 10,000 clients
   python scripts/scale.py population              # 1,000,000 clients, host-resident SCAFFOLD
   python scripts/scale.py population --clients 1000000 --per-round 1000 --rounds 5
+  python scripts/scale.py replicas --seeds 3     # 3 seeds: one by one, then as one program
 
 ``memory`` compiles one round of a SCAFFOLD + LoRA workload per cohort size and prints XLA's
 temporary bytes (`fedjax_llm.round_memory`), next to the variant that gathers every slot's
@@ -11,6 +12,10 @@ client state up front. ``population`` runs a federated simulation of a populatio
 with one short example each and a per-client SCAFFOLD control variate for every client, the
 examples and the control store on the host (the store memory-mapped in a temporary folder), and
 prints the round times, the host's peak memory and the disk the store's touched rows take.
+``replicas`` runs the default config (``configs/default.yaml``, LoRA) for several seeds one
+after another and then as one `fedjax_llm.replicas.ReplicaGroup`, and prints the wall time of
+each way (setup, compile, rounds and evaluation included; a fresh compilation cache shared
+by both, so the runs one by one compile once) and their ratio.
 """
 
 from __future__ import annotations
@@ -120,6 +125,64 @@ def population(args: argparse.Namespace) -> dict:
     return {"population": result}
 
 
+def replicas(args: argparse.Namespace) -> dict:
+    from fedjax_llm import Simulation
+    from fedjax_llm.config import load_config
+    from fedjax_llm.replicas import ReplicaGroup
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+    work = tempfile.mkdtemp(prefix="fedjax_llm_replicas_")
+
+    def configs(tag: str) -> list:
+        return [
+            load_config(
+                os.path.join(root, "configs", "default.yaml"),
+                [
+                    "--trainable.mode",
+                    "lora",
+                    "--run.seed",
+                    str(seed),
+                    "--run.num_rounds",
+                    str(args.rounds),
+                    "--run.save_checkpoints",
+                    "false",
+                    "--run.partition_report",
+                    "false",
+                    "--run.compilation_cache_dir",
+                    "",
+                    "--eval.every",
+                    str(args.rounds),
+                    "--eval.max_new_tokens",
+                    "0",
+                    "--run.output_dir",
+                    os.path.join(work, f"{tag}{seed}"),
+                ],
+            )
+            for seed in range(args.seeds)
+        ]
+
+    t0 = time.perf_counter()
+    for config in configs("alone"):
+        Simulation(config, verbose=False).run()
+    alone = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    group = ReplicaGroup([Simulation(c, verbose=False) for c in configs("group")])
+    group.run()
+    together = time.perf_counter() - t0
+    assert all(err is None for err in group.errors), group.errors
+    result = {
+        "seeds": args.seeds,
+        "rounds": args.rounds,
+        "one_by_one_s": alone,
+        "one_program_s": together,
+        "speedup": alone / together,
+        "group_compile_s": group.compile_time_s,
+        "group_median_round_s": float(np.median(group.round_times[1:] or group.round_times)),
+    }
+    print(json.dumps(result, indent=1))
+    return {"replicas": result}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,9 +194,12 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=1_000_000)
     p.add_argument("--per-round", type=int, default=100)
     p.add_argument("--rounds", type=int, default=5)
+    r = sub.add_parser("replicas")
+    r.add_argument("--seeds", type=int, default=3)
+    r.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
-    result = memory(args) if args.what == "memory" else population(args)
+    result = {"memory": memory, "population": population, "replicas": replicas}[args.what](args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
