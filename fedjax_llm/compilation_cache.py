@@ -41,7 +41,8 @@ def resolve_cache_dir(setting: str | None) -> str | None:
     """The cache folder a ``run.compilation_cache_dir`` value names.
 
     Args:
-      setting: ``auto`` (the ``JAX_COMPILATION_CACHE_DIR`` environment variable if set, else
+      setting: ``auto`` (the folder JAX is already set to use, by ``jax_compilation_cache_dir``
+        or the ``JAX_COMPILATION_CACHE_DIR`` environment variable, else
         ``$XDG_CACHE_HOME/fedjax_llm/xla``, by default ``~/.cache/fedjax_llm/xla``), a folder
         (``~`` is expanded), or None or an empty string for no cache.
 
@@ -51,9 +52,9 @@ def resolve_cache_dir(setting: str | None) -> str | None:
     if setting is None or not setting.strip():
         return None
     if setting == AUTO:
-        from_env = os.environ.get(_ENV_DIR, "").strip()
-        if from_env:
-            return os.path.abspath(os.path.expanduser(from_env))
+        given = jax.config.jax_compilation_cache_dir or os.environ.get(_ENV_DIR, "").strip()
+        if given:
+            return os.path.abspath(os.path.expanduser(given))
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         return os.path.abspath(os.path.join(base, "fedjax_llm", "xla"))
     return os.path.abspath(os.path.expanduser(setting))

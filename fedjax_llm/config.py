@@ -605,7 +605,7 @@ class RunConfig:
         ``--run.resume true``.
       compilation_cache_dir: folder of the persistent XLA compilation cache, so a later process
         loads the compiled round and evaluation instead of compiling them again; ``auto``: the
-        JAX_COMPILATION_CACHE_DIR environment variable if set, else ~/.cache/fedjax_llm/xla
+        folder JAX is already set to (JAX_COMPILATION_CACHE_DIR), else ~/.cache/fedjax_llm/xla
         (under XDG_CACHE_HOME if set); null or an empty string: no cache. A folder that cannot
         be written is a warning, and the run compiles without the cache.
       client_data: where the population's examples and per-client states live. ``device``:

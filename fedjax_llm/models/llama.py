@@ -32,6 +32,16 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 ROPE_TYPES = ("default", "linear", "llama3")
 # Models with at most this many layers have their scan over layers fully unrolled by default.
 UNROLL_LAYERS_UP_TO = 4
+# Rematerialization of the decoder layers (`LlamaConfig.remat`): what the backward pass keeps of
+# a layer's forward pass. 'layer' keeps nothing but the layer's input (the scan carry) and
+# recomputes the rest; 'layer_dots' also keeps the outputs of the projections against shared
+# weights (matmuls without batch dimensions: with the client axis vmapped, these are the
+# frozen-weight projections), trading some memory for skipping their recomputation.
+REMAT_MODES = ("none", "layer", "layer_dots")
+_REMAT_POLICIES = {
+    "layer": jax.checkpoint_policies.nothing_saveable,
+    "layer_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +77,13 @@ class LlamaConfig:
       scan_unroll: Layers unrolled per iteration of the scan over layers. None unrolls models of
         at most UNROLL_LAYERS_UP_TO layers completely (for small models, XLA fuses across layers
         and skips the loop's per-iteration slicing: 28% -> 40% MFU for the tiny benchmark model
-        on a 2-core CPU) and keeps deeper models rolled, so compile time does not grow with depth.
+        on a 2-core CPU) and keeps deeper models rolled, so compile time does not grow with depth;
+        with `remat` on, None keeps every model rolled (see `resolved_scan_unroll`).
+      remat: Rematerialization of each decoder layer under differentiation, one of REMAT_MODES:
+        'none' keeps every activation the backward pass needs; 'layer' wraps each layer's body
+        in `jax.checkpoint` saving nothing (only the layer inputs stay in memory, the rest is
+        recomputed in the backward pass: about one more forward pass of compute); 'layer_dots'
+        saves the matmuls without batch dimensions. Values and gradients are unchanged.
     """
 
     vocab_size: int = 259
@@ -90,12 +106,17 @@ class LlamaConfig:
     dtype: str = "float32"
     initializer_range: float = 0.02
     scan_unroll: int | None = None
+    remat: str = "none"
 
     @property
     def resolved_scan_unroll(self) -> int:
-        """Layers per scan iteration: `scan_unroll` if set, else all layers for shallow models."""
+        """Layers per scan iteration: `scan_unroll` if set, else all layers for shallow models
+        (one with `remat`: in unrolled straight-line code XLA schedules the recomputation next
+        to the forward pass, which keeps the activations alive and saves nothing)."""
         if self.scan_unroll is not None:
             return self.scan_unroll
+        if self.remat != "none":
+            return 1
         return self.num_layers if self.num_layers <= UNROLL_LAYERS_UP_TO else 1
 
     @property
@@ -185,6 +206,8 @@ class LlamaConfig:
             raise ValueError(
                 f"LlamaConfig.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}."
             )
+        if self.remat not in REMAT_MODES:
+            raise ValueError(f"LlamaConfig.remat must be one of {REMAT_MODES}, got {self.remat!r}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,8 +609,15 @@ class Llama(nn.Module):
             num_prefix = prefix["key"].shape[1]
             mask = jnp.concatenate([jnp.ones((batch, total, num_prefix), bool), mask], axis=-1)
 
+        layer = _DecoderLayer
+        if cfg.remat != "none":
+            # Inside the scan over layers: the backward pass keeps each layer's input (the scan
+            # carry) and recomputes the layer. `prevent_cse` stays on in case `scan_unroll`
+            # unrolls the scan, where XLA could otherwise merge the recomputation back into the
+            # forward pass.
+            layer = nn.remat(_DecoderLayer, policy=_REMAT_POLICIES[cfg.remat])
         layers = nn.scan(
-            _DecoderLayer,
+            layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from fedjax_llm.models import llama
 from fedjax_llm.models.llama import LlamaConfig
@@ -92,8 +93,13 @@ def make_trainable(
     if mode == "full":
 
         def init(key: jax.Array, base_params: dict) -> Any:
-            del key  # The trainable part is the base itself.
-            return base_params
+            del key  # The trainable part is the base itself,
+            # in float32 whatever its storage dtype (`pretrained.load_dtype`): bfloat16 weights
+            # would round away updates smaller than 1/256 of a weight, and the optimizer states
+            # built from them would be bfloat16 too.
+            if all(x.dtype == jnp.float32 for x in jax.tree.leaves(base_params)):
+                return base_params
+            return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), base_params)
 
         def model_inputs(frozen_params: Any, trainable: Any) -> tuple[dict, dict[str, Any]]:
             del frozen_params
