@@ -1,17 +1,22 @@
-"""Benchmarks the compiled federated round against the library's sequential reference round.
+"""Benchmarks the compiled federated round against the library's sequential reference round and
+against the same round as a PyTorch loop over clients.
 
 Usage:
   python scripts/benchmark.py                          # lora-4m and tiny, their default C
   python scripts/benchmark.py --models tiny --clients 8 32 --chunk 8 32 --rounds 10
   python scripts/benchmark.py --mode full --out benchmarks/cpu_full.json
   python scripts/benchmark.py --quick                  # smoke run: tiny, C in {2, 4}, 2 rounds
+  python scripts/benchmark.py --no-torch               # without the PyTorch loop
 
 For every model and clients-per-round C it times the round of `make_round_fn`, jitted as
 `Simulation` jits it, once per ``--chunk`` size, against `make_sequential_round` (one jitted
-client update per client), after checking that both give the same new global params. Rows
+client update per client) and, with ``--torch`` (the default when PyTorch is installed; LoRA
+only), against the round as a PyTorch loop over clients with transformers' LlamaForCausalLM
+(`fedjax_llm.torch_reference`), after checking that all give the same new global params. Rows
 report the median round time after compilation, the compile time, client updates/s, tokens/s,
-model FLOP/s and MFU against a matmul peak measured in the same run; the speed targets print as
-PASS/FAIL lines (the exit status stays 0). The harness is `fedjax_llm.benchmarking`.
+model FLOP/s, MFU against a matmul peak measured in the same run and ``vs torch`` (the torch
+loop's round time over the row's); the speed targets print as PASS/FAIL lines (the exit status
+stays 0). The harness is `fedjax_llm.benchmarking`.
 Results go to a readable table on stdout and to ``--out`` (default
 ``benchmarks/<backend>.json``, or ``benchmarks/<backend>_quick.json`` with ``--quick``).
 """
@@ -31,6 +36,7 @@ from fedjax_llm.benchmarking import (
     BenchmarkSettings,
     format_results,
     run_benchmark,
+    torch_importable,
 )
 from fedjax_llm.cli import ScriptContext, exit_process, run_script
 from fedjax_llm.models.trainable import TRAINABLE_MODES
@@ -105,6 +111,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="skip the sequential variant (and so the equality check and ratio)",
     )
+    parser.add_argument(
+        "--torch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the round as a PyTorch loop over clients (LoRA only; default: on when "
+        "PyTorch and transformers can be imported)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: tiny model, C in {2, 4}, 2 timed rounds"
@@ -117,6 +130,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.models = ["tiny"] if args.quick else ["lora-4m", "tiny"]
     if args.rounds is None:
         args.rounds = 2 if args.quick else 5
+    if args.torch is None or args.torch:
+        importable = torch_importable()
+        if args.torch and not importable:
+            parser.error(
+                "--torch needs PyTorch and transformers, which cannot be imported; install "
+                "torch==2.13.0 (the test extra: pip install -e .[test]) or pass --no-torch."
+            )
+        if args.torch is None and not importable:
+            print(
+                "PyTorch is not installed: the torch loop comparison is skipped (install "
+                "torch==2.13.0 to run it).",
+                file=sys.stderr,
+            )
+        args.torch = importable
     try:
         args.settings = settings_from_args(args)
     except ValueError as err:
@@ -143,6 +170,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
         peak_size=args.peak_size,
         peak_repeats=args.peak_repeats,
         sequential=not args.no_sequential,
+        torch=args.torch,
         seed=args.seed,
         quick=args.quick,
     )
