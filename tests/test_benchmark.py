@@ -19,18 +19,19 @@ import pytest
 from fedjax_llm import benchmarking
 from fedjax_llm.models.llama import count_params, init_params
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "benchmark.py")
+SCRIPTS = os.path.join(os.path.dirname(__file__), os.pardir, "scripts")
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(SCRIPTS, name))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-cli = _load_script()
+cli = _load_script("benchmark.py")
+profile_cli = _load_script("profile_round.py")
 HAS_TORCH = benchmarking.torch_importable()
 
 
@@ -111,6 +112,24 @@ def test_quick_run_writes_consistent_json(tmp_path, capsys):
     assert len(statuses) == 7 and set(statuses.values()) <= {"PASS", "FAIL", "SKIP"}
     # The quick run measures none of the MFU target rows nor SmolLM2 against torch.
     assert sum(s == "SKIP" for s in statuses.values()) == 5 + (not HAS_TORCH)
+
+
+def test_profile_compares_the_round_with_its_bare_model_work(tmp_path):
+    out = tmp_path / "profile.json"
+    argv = ["--model", "tiny", "--clients", "4", "--chunk", "2", "--rounds", "1"]
+    results = profile_cli.main([*argv, "--peak-size", "128", "--out", str(out)])
+    assert json.loads(out.read_text()) == results
+    assert results["round_s"][0] > 0 and results["bare_s"][0] > 0
+    assert results["machinery_share"] == pytest.approx(
+        1 - results["bare_s"][0] / results["round_s"][0]
+    )
+    # Both programs do the same model work, and XLA counts a loop body once: the round's FLOPs
+    # times chunks x local steps are the model's matmul FLOPs plus the elementwise work.
+    assert results["xla_round_gflop"] == pytest.approx(results["xla_bare_gflop"], rel=0.05)
+    loops = results["clients"] // results["chunk"] * results["local_steps"]
+    assert results["xla_round_gflop"] * loops == pytest.approx(results["model_gflop"], rel=0.15)
+    assert [m["matmul"] for m in results["matmuls"]][-1] == "logits"
+    assert all(m["gflops"] > 0 for m in results["matmuls"])
 
 
 def test_compile_time_of_a_variant_compiled_on_first_use():
