@@ -28,10 +28,10 @@ from kernels.pytree import PyTree
 
 # Settings that may change between a run and its resumption: they decide what is written, where
 # (a host store's memory-mapped files are refilled from the checkpoint), which compiled programs
-# are cached, and when the run stops, never a result. The round's layout (run.clients_per_chunk, run.devices,
-# run.engine) is not among them: it changes the float rounding of the chunked sums, so a resumed
-# run would no longer equal an uninterrupted one bit for bit. run.num_rounds may change only
-# while no learning-rate schedule depends on it (checked by the simulation).
+# are cached, and when the run stops, never a result. The round's layout (run.clients_per_chunk,
+# run.devices, run.engine) is not among them: it changes the float rounding of the chunked sums,
+# so a resumed run would no longer equal an uninterrupted one bit for bit. run.num_rounds may
+# change only while no learning-rate schedule depends on it (checked by the simulation).
 RESUMABLE_FIELDS = (
     "run.partition_report",
     "run.save_checkpoints",
