@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -124,6 +125,7 @@ def run_script(
         print(f"error: {err.strerror or err}: {target}", file=sys.stderr)
         return UserError.exit_code
     except KeyboardInterrupt as err:
+        _ignore_abandoned_coroutines()
         print(f"{interruption(err)}: {name} stopped before finishing.", file=sys.stderr)
         return RunInterrupted.exit_code
     except Exception as err:  # noqa: BLE001 - the boundary: nothing may escape as a traceback
@@ -133,8 +135,19 @@ def run_script(
             signal.signal(signal.SIGTERM, previous)
 
 
+def _ignore_abandoned_coroutines() -> None:
+    """Silences Python's warning about coroutines never awaited: an interrupted run abandons a
+    checkpoint save's coroutines, and their warning at exit would follow (and bury) the one
+    line that says how to continue."""
+    warnings.filterwarnings(
+        "ignore", message="coroutine .* was never awaited", category=RuntimeWarning
+    )
+
+
 def exit_process(code: int) -> None:
     """Ends the process with ``code``, even if a library left a non-daemon thread running."""
+    if code:
+        _ignore_abandoned_coroutines()
     sys.stdout.flush()
     sys.stderr.flush()
     stray = [

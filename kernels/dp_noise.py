@@ -38,8 +38,7 @@ def gaussian_noise_like(key: jax.Array, like: PyTree, stddev: jax.Array) -> PyTr
 
 def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: jax.Array) -> PyTree:
     """Adds ``N(0, stddev^2)`` to every coordinate (float32); with ``stddev == 0`` the input is
-    returned bit for bit (no ``-0.0 + 0.0`` sign change), so a noiseless run equals a
-    non-private one exactly.
+    returned bit for bit (no ``-0.0 + 0.0`` sign change).
 
     Args:
       tree: the aggregate (e.g. the sum of clipped client updates).

@@ -3,7 +3,7 @@
 Usage:
   python scripts/profile_round.py                                  # lora-4m, C=16, chunk 8
   python scripts/profile_round.py --model tiny --clients 256 --chunk 32
-  python scripts/profile_round.py --trace /tmp/round_trace         # + a jax.profiler trace
+  python scripts/profile_round.py --trace /tmp/round_trace         # + traces and op times
 
 For one benchmark workload (`fedjax_llm.benchmarking.MODELS`, LoRA, FedAvg) it times, round by
 round in turn so that load changes hit all alike (medians of ``--rounds``):
@@ -21,15 +21,19 @@ round in turn so that load changes hit all alike (medians of ``--rounds``):
 
 It prints each one's time and MFU against the square float32 matmul peak measured in the same
 run, the share of the round that its machinery costs (1 - bare / round), and XLA's cost analysis
-of the compiled round (FLOPs and bytes accessed) against the model FLOPs. With ``--trace`` it
-also writes a `jax.profiler` trace of a few rounds of each (open with TensorBoard's profile
-plugin or Perfetto).
+of the compiled round (FLOPs and bytes accessed) against the model FLOPs. With ``--trace DIR`` it
+writes a `jax.profiler` trace of 2 calls of each (``DIR/round``, ``DIR/bare``; open with
+TensorBoard's profile plugin or Perfetto) and prints the XLA operations that took the most time
+in each, from the trace.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import json
+import os
 import statistics
 import sys
 import time
@@ -117,13 +121,40 @@ def time_matmul(rows: int, inner: int, cols: int, repeats: int) -> float:
     return 2 * rows * inner * cols / statistics.median(times) / 1e9
 
 
+def op_time_breakdown(folder: str, top: int = 12) -> list[dict]:
+    """The XLA operations that took the most time in a `jax.profiler` trace written to
+    ``folder``: ``[{"op", "ms", "share"}]``, summed over all threads and calls, the ``top`` ones
+    (the share is of all XLA operations' summed time; "other" collects the rest)."""
+    paths = sorted(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True))
+    if not paths:
+        return []
+    profile = jax.profiler.ProfileData.from_file(paths[-1])
+    totals: dict[str, float] = collections.defaultdict(float)
+    for plane in profile.planes:
+        for line in plane.lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                if "hlo_op" in stats:
+                    totals[str(stats["hlo_op"])] += event.duration_ns
+    whole = sum(totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    rows = [{"op": op, "ms": ns / 1e6, "share": ns / whole} for op, ns in ranked[:top]]
+    rest = sum(ns for _, ns in ranked[top:])
+    if rest:
+        rows.append({"op": "other", "ms": rest / 1e6, "share": rest / whole})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="lora-4m", choices=sorted(benchmarking.MODELS))
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--chunk", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--trace", help="write a jax.profiler trace of 2 rounds of each here")
+    parser.add_argument(
+        "--trace",
+        help="write jax.profiler traces of 2 calls of each here, and list the costliest ops",
+    )
     parser.add_argument("--peak-size", type=int, default=None, help="side of the peak matmul")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -180,13 +211,18 @@ def main(argv: list[str] | None = None) -> dict:
         gflops = time_matmul(rows, inner, cols, 20)
         shapes.append({"matmul": name, "shape": [rows, inner, cols], "gflops": gflops})
 
+    breakdown = {}
     if args.trace:
-        with jax.profiler.trace(args.trace):
-            for r in range(2):
-                with jax.profiler.TraceAnnotation(f"round {r}"):
-                    vmapped.advance(round_args[1 + r])
-                with jax.profiler.TraceAnnotation(f"bare {r}"):
-                    run_bare()
+        calls = {
+            "round": lambda r: vmapped.advance(round_args[1 + r]),
+            "bare": lambda r: run_bare(),
+        }
+        for name, call in calls.items():
+            folder = os.path.join(args.trace, name)
+            with jax.profiler.trace(folder):
+                for r in range(2):
+                    call(r)
+            breakdown[name] = op_time_breakdown(folder)
 
     device = jax.devices()[0]
     print(f"{args.model}, LoRA r=8 q/v, C={args.clients}, chunk {args.chunk}, {device.device_kind}")
@@ -205,6 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"  {row['matmul']:<15} [{rows} x {inner}] @ [{inner} x {cols}]: "
             f"{row['gflops']:7.1f} GFLOP/s ({row['gflops'] / peak['gflops']:.0%} of the peak)"
         )
+    for name, rows in breakdown.items():
+        print(f"XLA operations of the {name} by summed time (all threads, 2 calls):")
+        for row in rows:
+            print(f"  {row['op']:<40} {row['ms']:9.1f} ms {row['share']:6.1%}")
     results = {
         "command": [
             "python",
@@ -227,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         "xla_round_bytes": cost.get("bytes accessed"),
         "xla_bare_gflop": bare_cost.get("flops", None) and bare_cost["flops"] / 1e9,
         "matmuls": shapes,
+        "op_time": breakdown,
     }
     if args.out:
         with open(args.out, "w") as f:

@@ -117,6 +117,7 @@ def test_quick_run_writes_consistent_json(tmp_path, capsys):
 def test_profile_compares_the_round_with_its_bare_model_work(tmp_path):
     out = tmp_path / "profile.json"
     argv = ["--model", "tiny", "--clients", "4", "--chunk", "2", "--rounds", "1"]
+    argv += ["--trace", str(tmp_path / "trace")]
     results = profile_cli.main([*argv, "--peak-size", "128", "--out", str(out)])
     assert json.loads(out.read_text()) == results
     assert results["round_s"][0] > 0 and results["bare_s"][0] > 0
@@ -130,6 +131,10 @@ def test_profile_compares_the_round_with_its_bare_model_work(tmp_path):
     assert results["xla_round_gflop"] * loops == pytest.approx(results["model_gflop"], rel=0.15)
     assert [m["matmul"] for m in results["matmuls"]][-1] == "logits"
     assert all(m["gflops"] > 0 for m in results["matmuls"])
+    for name in ("round", "bare"):
+        ops = results["op_time"][name]
+        assert ops and sum(op["share"] for op in ops) == pytest.approx(1.0)
+        assert all(op["ms"] > 0 for op in ops)
 
 
 def test_compile_time_of_a_variant_compiled_on_first_use():

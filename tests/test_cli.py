@@ -101,3 +101,21 @@ def test_the_process_ends_although_a_non_daemon_thread_still_runs():
     result = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True)
     assert result.returncode == 3, result.stderr
     assert time.monotonic() - start < 60
+
+
+def test_the_interruption_line_is_the_last_line_although_a_save_was_abandoned():
+    # An interrupted checkpoint save leaves coroutines never awaited; Python's warning about
+    # them at exit must not follow the line that says how to continue.
+    code = (
+        "from fedjax_llm.cli import exit_process, run_script\n"
+        "async def save(): pass\n"
+        "pending = save()\n"
+        "def body(argv, context): raise KeyboardInterrupt('SIGTERM')\n"
+        "code = run_script('simulate', body, [])\n"
+        "del pending\n"
+        "exit_process(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True)
+    assert result.returncode == 130
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines == ["terminated (SIGTERM): simulate stopped before finishing."], lines

@@ -138,11 +138,13 @@ def test_model_directory_without_tokenizer_trains_on_token_arrays(make_config, t
         eval={"every": 100},
     )
     rng = np.random.default_rng(1)
-    data = ClientArrays.from_clients(_clients(rng, 96), eval=_clients(rng, 96, 1)[0])
+    # Ids from 9 of the 96 tokens: learnable in 3 rounds (uniform ids over the whole vocabulary
+    # leave the loss within float noise of ln 96).
+    data = ClientArrays.from_clients(_clients(rng, 12), eval=_clients(rng, 12, 1)[0])
     history = fedjax_llm.simulate(run_config, data=data)
     assert np.isfinite(history[-1]["train_loss"])
     # Held-out loss of the arrays' eval set, before and after, through the same objective.
-    assert history[-1]["eval/loss"] < history[0]["eval/loss"]
+    assert history[-1]["eval/loss"] < history[0]["eval/loss"] - 0.05, history
     stats = json.load(open(os.path.join(run_config.run.output_dir, "partition.json")))
     assert stats["source"] == "arrays" and stats["num_clients"] == 4
     # Text data, which needs the tokenizer, names the missing piece instead.

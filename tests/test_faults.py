@@ -132,7 +132,7 @@ def test_kills_at_random_moments_then_resume_equal_an_uninterrupted_run(
             # A batch system's SIGTERM: one line naming the checkpoint to continue from.
             assert proc.returncode == 130, err
             last = err.strip().splitlines()[-1]
-            assert last.startswith("error: terminated (SIGTERM) after"), last
+            assert last.startswith("error: terminated (SIGTERM) after"), err
             assert "--run.resume true" in last and "Traceback" not in err
         else:
             assert proc.returncode in (-signal.SIGKILL, 0), err

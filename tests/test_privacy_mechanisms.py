@@ -74,8 +74,10 @@ def client_deltas(ids) -> list[dict]:
     return out
 
 
-def test_no_noise_and_infinite_clip_is_the_plain_round_bit_for_bit():
-    """z = 0 and C = inf: the DP round is the non-private round with uniform weights, exactly."""
+def test_no_noise_and_infinite_clip_is_the_plain_round():
+    """z = 0 and C = inf: the DP round is the non-private round with uniform weights, to the
+    last bit but one: the DP mean divides by a constant denominator, which XLA compiles to a
+    multiplication by its reciprocal, the plain mean by the traced sum of weights."""
     (dp_state, dp_out), _ = run_round(dp_pipeline(len(IDS), 0.0, math.inf))
     (plain_state, _), _ = run_round(default_pipeline(), uniform_weighting=True)
     for a, b in zip(
@@ -83,7 +85,7 @@ def test_no_noise_and_infinite_clip_is_the_plain_round_bit_for_bit():
         jax.tree.leaves(plain_state.server.params),
         strict=True,
     ):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(b), maxulp=1)
     assert float(dp_out.pipeline["dp/noise_stddev"]) == 0.0
 
 
