@@ -87,7 +87,7 @@ def test_missing_smollm2_fails_under_ci_and_skips_otherwise(tmp_path, ci):
         "tests/test_gguf_convert.py::test_smollm2_answers_through_chat_template",
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", *tests],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-rA", *tests],
         cwd=ROOT,
         env=env,
         capture_output=True,
