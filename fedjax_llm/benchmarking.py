@@ -573,6 +573,17 @@ class Variant:
         return self.first_round_s - statistics.median(self.round_s)
 
 
+def setup_round_fn(setup: Setup, chunk: int) -> Callable:
+    """The library's round (`make_round_fn`) for a setup, in chunks of ``chunk`` clients."""
+    return make_round_fn(
+        setup.algorithm,
+        setup.objective,
+        setup.schedule,
+        num_clients_total=setup.num_clients_total,
+        clients_per_chunk=chunk,
+    )
+
+
 def build_vmapped(setup: Setup, chunk: int, example: RoundArgs) -> Variant:
     """Compiles the real round (`make_round_fn`), jitted with donation as `Simulation` does.
 
@@ -584,13 +595,7 @@ def build_vmapped(setup: Setup, chunk: int, example: RoundArgs) -> Variant:
     Returns:
       The `Variant`, with its ahead-of-time compile time.
     """
-    round_fn = make_round_fn(
-        setup.algorithm,
-        setup.objective,
-        setup.schedule,
-        num_clients_total=setup.num_clients_total,
-        clients_per_chunk=chunk,
-    )
+    round_fn = setup_round_fn(setup, chunk)
     t0 = time.perf_counter()
     compiled = (
         jax.jit(round_fn, donate_argnums=(1,))

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_llm import benchmarking
-from fedjax_llm.round import ClientData, make_round_fn
+from fedjax_llm.round import ClientData
 
 
 def bare_round_fn(setup: benchmarking.Setup, num_clients: int, chunk: int, lr: float):
@@ -196,13 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     flops = tokens * setup.flops_per_token
     peak_flops = peak["gflops"] * 1e9
 
-    round_fn = make_round_fn(
-        setup.algorithm,
-        setup.objective,
-        setup.schedule,
-        num_clients_total=setup.num_clients_total,
-        clients_per_chunk=args.chunk,
-    )
+    round_fn = benchmarking.setup_round_fn(setup, args.chunk)
     cost = (
         jax.jit(round_fn)
         .lower(setup.frozen, setup.state, setup.data, *round_args[0])
