@@ -76,10 +76,21 @@ class HostClientData:
       examples: ``{field: [N, ...]}``, each client's examples contiguous.
       client_start: ``[M]`` each client's first row.
       client_count: ``[M]`` each client's number of examples (>= 1).
+      client_profile: ``{name: [M]}`` per-client system attributes
+        (`fedjax_llm.client_profiles`); each round's slots get their clients' rows.
     """
 
-    def __init__(self, examples: dict, client_start: np.ndarray, client_count: np.ndarray):
+    def __init__(
+        self,
+        examples: dict,
+        client_start: np.ndarray,
+        client_count: np.ndarray,
+        client_profile: dict | None = None,
+    ):
         self.examples = examples
+        self.client_profile = {
+            name: np.asarray(x, np.float32) for name, x in (client_profile or {}).items()
+        }
         for values in examples.values():
             advise_random_access(values)
         self.client_start = np.asarray(client_start, np.int64)
@@ -117,6 +128,7 @@ class HostClientData:
         return ClientBatches(
             examples={name: np.asarray(x[rows]) for name, x in self.examples.items()},
             client_count=counts,
+            client_profile={name: x[ids] for name, x in self.client_profile.items()},
         )
 
 

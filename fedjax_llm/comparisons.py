@@ -29,7 +29,8 @@ def variant_config(
 
 
 def final_row(sim: Any, history: list[dict]) -> dict[str, Any]:
-    """What a finished `fedjax_llm.Simulation` reports: final evaluation, times, privacy."""
+    """What a finished `fedjax_llm.Simulation` reports: final evaluation, times, bytes sent,
+    privacy."""
     evals = [h for h in history if "eval/loss" in h]
     rounds = [h for h in history if "round_time_s" in h]
     last = evals[-1] if evals else {}
@@ -38,6 +39,12 @@ def final_row(sim: Any, history: list[dict]) -> dict[str, Any]:
         "rounds": len(rounds),
         "eval_loss": last.get("eval/loss"),
         "exact_match": float(np.mean(exact)) if exact else None,
+        "client_loss_mean": last.get("client/loss_mean"),
+        "client_loss_worst10": last.get("client/loss_worst10"),
+        "personal_loss_mean": last.get("client/personal/loss_mean"),
+        "personal_loss_worst10": last.get("client/personal/loss_worst10"),
+        "bytes_up": int(sum(h.get("bytes_up", 0) for h in rounds)),
+        "bytes_down": int(sum(h.get("bytes_down", 0) for h in rounds)),
         "backdoor_success": last.get("eval/backdoor_success"),
         "median_round_time_s": float(np.median([h["round_time_s"] for h in rounds]))
         if rounds
@@ -52,6 +59,34 @@ def final_row(sim: Any, history: list[dict]) -> dict[str, Any]:
     if sim.audit is not None and "canaries" in sim.audit:
         row["audit_epsilon_lower_bound"] = sim.audit["canaries"]["epsilon_lower_bound"]
     return row
+
+
+def machine() -> str:
+    """The CPU model (lscpu's model name) or the accelerator that figures come from."""
+    import platform
+    import subprocess
+
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return device.device_kind
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "cpu"
+
+
+def shortened(variants: Mapping[str, Sequence[str]], rounds: int | None) -> dict:
+    """The variants with ``rounds`` rounds each (evaluated at the end), or unchanged for None."""
+    if rounds is None:
+        return dict(variants)
+    extra = [f"run.num_rounds={rounds}", f"eval.every={rounds}", "run.checkpoint_every=0"]
+    return {name: [*overrides, *extra] for name, overrides in variants.items()}
 
 
 def run_variants(

@@ -22,7 +22,7 @@ import os
 import types
 import typing
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import draccus
 import yaml
@@ -51,6 +51,8 @@ AttackName = Literal[
 ]
 DATA_ATTACKS = ("label_flip", "backdoor")
 """Attacks that poison the malicious clients' training data instead of their uploads."""
+COMPRESSION_TRANSFORMS = ("topk", "randk", "qsgd", "sign", "lowrank")
+"""The upload transforms that compress (`fedjax_llm.compression`); a config names at most one."""
 
 
 class ConfigError(UserError, ValueError):
@@ -334,6 +336,9 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
 
     weighting: WeightingName = "num_examples"
 
+    rank_tiers: ClassVar[bool] = False
+    """Whether the algorithm trains LoRA at a rank per client (``system.tier_lora_ranks``)."""
+
     @property
     def name(self) -> str:
         """The registered type name of this algorithm config."""
@@ -382,10 +387,98 @@ class FedProxConfig(AlgorithmConfig):
     mu: float = 0.01
 
 
+@AlgorithmConfig.register_subclass("fednova")
+@dataclasses.dataclass(frozen=True)
+class FedNovaConfig(AlgorithmConfig):
+    """FedNova (Wang et al. 2020): normalized averaging for clients that take different
+    numbers of local steps (compute tiers, deadlines, ``client.local_epochs``)."""
+
+
+@AlgorithmConfig.register_subclass("hetlora")
+@dataclasses.dataclass(frozen=True)
+class HetLoRAConfig(AlgorithmConfig):
+    """HetLoRA (Cho et al. 2024): LoRA at a rank per client (``system.tier_lora_ranks``),
+    sparsity-weighted zero-padded aggregation, optional rank self-pruning.
+
+    Attributes:
+      prune_lambda: regularizer on each client's last rank component (0: none).
+      prune_threshold: a client drops its last component when its norm falls below this share
+        of its components' mean norm (0: no pruning).
+    """
+
+    prune_lambda: float = 0.0
+    prune_threshold: float = 0.0
+    rank_tiers: ClassVar[bool] = True
+
+
+@AlgorithmConfig.register_subclass("flexlora")
+@dataclasses.dataclass(frozen=True)
+class FlexLoRAConfig(AlgorithmConfig):
+    """FlexLoRA (Bai et al. 2024): average the clients' LoRA products, redistribute by SVD."""
+
+    rank_tiers: ClassVar[bool] = True
+
+
+@AlgorithmConfig.register_subclass("flora")
+@dataclasses.dataclass(frozen=True)
+class FLoRAConfig(AlgorithmConfig):
+    """FLoRA (Wang et al. 2024): stacked adapters, their exact average merged into the base."""
+
+    rank_tiers: ClassVar[bool] = True
+
+
+@AlgorithmConfig.register_subclass("ffa_lora")
+@dataclasses.dataclass(frozen=True)
+class FFALoRAConfig(AlgorithmConfig):
+    """FFA-LoRA (Sun et al. 2024): LoRA ``a`` frozen, only ``b`` trained and averaged."""
+
+    rank_tiers: ClassVar[bool] = True
+
+
 @AlgorithmConfig.register_subclass("scaffold")
 @dataclasses.dataclass(frozen=True)
 class ScaffoldConfig(AlgorithmConfig):
     """SCAFFOLD (Karimireddy et al. 2020, option II); needs plain SGD clients."""
+
+
+@AlgorithmConfig.register_subclass("fedsa_lora")
+@dataclasses.dataclass(frozen=True)
+class FedSALoRAConfig(AlgorithmConfig):
+    """FedSA-LoRA (Guo et al. 2024): the LoRA A factors are averaged, each client keeps its own
+    B factors in the client store (never uploaded); needs ``trainable.mode: lora``."""
+
+
+@AlgorithmConfig.register_subclass("fedper")
+@dataclasses.dataclass(frozen=True)
+class FedPerConfig(AlgorithmConfig):
+    """FedPer (Arivazhagan et al. 2019): the last layers stay on each client (client store),
+    the rest is averaged; for ``trainable.mode`` full, lora or prefix.
+
+    Attributes:
+      personal_layers: how many of the last layers are personal (1 to the model's layers).
+      personal_modules: further parameters kept personal, as path patterns of the trainable
+        (e.g. ``[lm_head, final_norm]`` of full params; ``q`` for LoRA's q factors).
+    """
+
+    personal_layers: int = 1
+    personal_modules: tuple[str, ...] = ()
+
+
+@AlgorithmConfig.register_subclass("ditto")
+@dataclasses.dataclass(frozen=True)
+class DittoConfig(AlgorithmConfig):
+    """Ditto (Li et al. 2021): each client keeps a personal model in the client store, trained
+    beside the global copy toward it.
+
+    Attributes:
+      lam: regularization strength lambda toward the global model (a round hyperparameter,
+        ``ditto_lambda``); 0 trains each personal model alone.
+      proximal: take the regularizer's step as an exact proximal step (stable for any lambda)
+        instead of the paper's gradient step (which diverges once client lr * lam >= 2).
+    """
+
+    lam: float = 0.1
+    proximal: bool = False
 
 
 def register_algorithm_config(name: str, config_class: type | None = None) -> type:
@@ -419,8 +512,10 @@ class AggregationConfig:
 
     Attributes:
       transforms: upload transforms applied to each client's update in order, by name:
-        ``clip`` (L2-clip the whole update to ``clip_norm``) or names added with
-        `fedjax_llm.register_transform`.
+        ``clip`` (L2-clip the whole update to ``clip_norm``); the compressors (at most one;
+        `fedjax_llm.compression`) ``topk`` (global top-k sparsification), ``randk`` (random-k),
+        ``qsgd`` (stochastic quantization), ``sign`` (scaled sign), ``lowrank`` (PowerSGD); or
+        names added with `fedjax_llm.register_transform`.
       aggregator: ``mean`` (streaming weighted mean, FedAvg), ``median`` (coordinate-wise
         median), ``trimmed_mean``, ``krum``, ``multi_krum``, ``geometric_median``,
         ``centered_clipping`` (these gather every upload), ``norm_bounding`` (streams) or a name
@@ -434,6 +529,14 @@ class AggregationConfig:
       center_clip_radius: ``centered_clipping``: the clipping radius around the last aggregate.
       center_clip_iters: ``centered_clipping``: iterations per round.
       geometric_median_iters: ``geometric_median``: Weiszfeld iterations.
+      compression_ratio: ``topk``/``randk``: the share of an upload's values sent, k =
+        ceil(ratio * n) over the whole upload.
+      quantization_bits: ``qsgd``: bits per value (sign and level; one float32 scale per leaf).
+      lowrank_rank: ``lowrank``: the rank of each matrix's factors (smaller matrices and
+        vectors are sent dense).
+      error_feedback: compressors keep each client's residual (what compression left out) in
+        the client store and add it to the next upload; ``randk`` scales its values by n / k
+        (unbiased) only when this is off.
     """
 
     transforms: tuple[str, ...] = ()
@@ -446,6 +549,10 @@ class AggregationConfig:
     center_clip_radius: float = 1.0
     center_clip_iters: int = 3
     geometric_median_iters: int = 10
+    compression_ratio: float = 0.1
+    quantization_bits: int = 8
+    lowrank_rank: int = 4
+    error_feedback: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -564,13 +671,59 @@ class SamplingConfig:
         bound; the bound is the smallest with at most this chance (an overflow stops the run
         with an error, nothing is truncated).
       max_cohort: ``poisson``: an explicit bound instead (at least the expected cohort).
+      availability_groups: ``availability``: clients split into this many groups (time
+        zones) by a seeded permutation; each group's availability follows the cycle below,
+        shifted by its share of the period.
+      availability_period: ``availability``: rounds of one day/night cycle (0: constant
+        availability).
+      availability_amplitude: ``availability``: the cycle's relative swing: a client's
+        availability in round r is ``availability * (1 + amplitude * cos(2 pi (r / period +
+        group / groups)))``, clipped to [0, 1].
     """
 
     kind: SamplerName = "uniform"
     availability: float = 1.0
+    availability_groups: int = 1
+    availability_period: int = 0
+    availability_amplitude: float = 0.0
     dropout: float = 0.0
     overflow_probability: float = 1e-9
     max_cohort: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemConfig:
+    """System heterogeneity: clients in capability tiers (`fedjax_llm.client_profiles`).
+
+    Clients are split into tiers by a seeded permutation, in proportion to
+    ``tier_fractions``; each ``tier_*`` list gives one value per tier (empty: no such limit).
+    All of it acts through per-client masks in the compiled round, so nothing recompiles when
+    the tiers or the deadline change.
+
+    Attributes:
+      tier_fractions: each tier's share of the clients (summing to 1); empty: one tier.
+      tier_local_steps: the most local steps a client of each tier takes per round (at most
+        ``client.local_steps``): slow devices do less work.
+      tier_step_time_s: seconds one local step takes a client of each tier; with
+        ``deadline_s`` a client stops at ``floor(deadline_s / step_time)`` steps.
+      deadline_s: the round's deadline in seconds (a round hyperparameter, ``deadline_s``):
+        stragglers' work is cut short (FedNova, ``algorithm.type: fednova``, corrects the
+        objective inconsistency this causes). Null: no deadline.
+      tier_lora_ranks: the LoRA rank of each tier's clients, from 1 to ``trainable.lora_rank``
+        (the compiled maximum); needs a heterogeneous-rank algorithm (``hetlora``,
+        ``flexlora``, ``flora``, ``ffa_lora``).
+    """
+
+    tier_fractions: tuple[float, ...] = ()
+    tier_local_steps: tuple[int, ...] = ()
+    tier_step_time_s: tuple[float, ...] = ()
+    deadline_s: float | None = None
+    tier_lora_ranks: tuple[int, ...] = ()
+
+    @property
+    def num_tiers(self) -> int:
+        """The number of tiers (1 without ``tier_fractions``)."""
+        return len(self.tier_fractions) or 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -740,6 +893,12 @@ FIELD_RANGES: dict[type, dict[str, Range]] = {
         "warmup_rounds": at_least(0),
     },
     FedProxConfig: {"mu": at_least(0, "0 is FedAvg")},
+    FedPerConfig: {"personal_layers": positive()},
+    DittoConfig: {"lam": at_least(0, "0: personal models trained alone")},
+    HetLoRAConfig: {
+        "prune_lambda": at_least(0, "0: no regularizer"),
+        "prune_threshold": between(0, 1, note="0: no rank self-pruning"),
+    },
     AggregationConfig: {
         "clip_norm": positive(),
         "trim_fraction": between(0, 0.5, high_open=True),
@@ -749,6 +908,9 @@ FIELD_RANGES: dict[type, dict[str, Range]] = {
         "center_clip_radius": positive(),
         "center_clip_iters": positive(),
         "geometric_median_iters": positive(),
+        "compression_ratio": between(0, 1, low_open=True, note="1 sends every value"),
+        "quantization_bits": between(2, 16, note="1 bit: use the sign transform"),
+        "lowrank_rank": positive(),
     },
     PrivacyConfig: {
         "clip_norm": positive(),
@@ -776,7 +938,11 @@ FIELD_RANGES: dict[type, dict[str, Range]] = {
         "dropout": between(0, 1, high_open=True),
         "overflow_probability": between(0, 1, low_open=True, high_open=True),
         "max_cohort": positive("null: computed from sampling.overflow_probability"),
+        "availability_groups": positive(),
+        "availability_period": at_least(0, "0: constant availability"),
+        "availability_amplitude": between(0, 1),
     },
+    SystemConfig: {"deadline_s": positive("null: no deadline")},
     RunConfig: {
         "num_rounds": positive(),
         "num_clients_per_round": positive(),
@@ -843,11 +1009,13 @@ class FieldType:
         (one of ``choices``), a section's dataclass, or None for a type not described here.
       optional: null is allowed.
       choices: the values of a ``Literal``.
+      item: what a ``tuple`` holds: ``str``, ``int`` or ``float``.
     """
 
     base: Any
     optional: bool = False
     choices: tuple[Any, ...] = ()
+    item: type = str
 
     @property
     def is_section(self) -> bool:
@@ -864,7 +1032,7 @@ class FieldType:
         if self.base is Literal:
             text = "|".join(str(c) for c in self.choices)
         elif self.base is tuple:
-            text = "list of str"
+            text = f"list of {self.item.__name__}"
         elif isinstance(self.base, type):
             text = self.base.__name__
         else:
@@ -906,7 +1074,9 @@ def _field_type(hint: Any) -> FieldType:
     if typing.get_origin(hint) is Literal:
         return FieldType(Literal, optional, typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
-        return FieldType(tuple, optional)
+        args = typing.get_args(hint)
+        item = args[0] if args and args[0] in (int, float) else str
+        return FieldType(tuple, optional, item=item)
     if hint in (int, float, bool, str) or (
         isinstance(hint, type) and dataclasses.is_dataclass(hint)
     ):
@@ -923,7 +1093,11 @@ def _kind_text(field: FieldType) -> str:
         float: "a number",
         bool: "true or false",
         str: "a string",
-        tuple: "a list of strings, e.g. [a,b]",
+        tuple: {
+            str: "a list of strings, e.g. [a,b]",
+            int: "a list of integers, e.g. [2,8]",
+            float: "a list of numbers, e.g. [0.5,0.5]",
+        }[field.item],
     }.get(field.base, "a value")
 
 
@@ -963,6 +1137,17 @@ def _wanted(field: FieldType, valid: Range | None) -> str:
     return f"{_kind_text(field)}{bounds}{null}{note}"
 
 
+def _is_item(value: Any, item: type) -> bool:
+    """Whether ``value`` is one element of a list field holding ``item``s."""
+    if isinstance(value, bool):
+        return False
+    if item is int:
+        return isinstance(value, numbers.Integral)
+    if item is float:
+        return isinstance(value, numbers.Real) and math.isfinite(value)
+    return isinstance(value, str)
+
+
 def _check_value(key: str, value: Any, field: FieldType, valid: Range | None) -> None:
     if field.base is None:
         return
@@ -984,7 +1169,7 @@ def _check_value(key: str, value: Any, field: FieldType, valid: Range | None) ->
         float: isinstance(value, numbers.Real) and not isinstance(value, bool),
         bool: isinstance(value, bool),
         str: isinstance(value, str),
-        tuple: isinstance(value, tuple | list) and all(isinstance(v, str) for v in value),
+        tuple: isinstance(value, tuple | list) and all(_is_item(v, field.item) for v in value),
     }.get(field.base, True)
     if not ok:
         quote = " (quote it in YAML)" if field.base is str else ""
@@ -1017,6 +1202,7 @@ class ExperimentConfig:
     )
     byzantine: ByzantineConfig = dataclasses.field(default_factory=ByzantineConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    system: SystemConfig = dataclasses.field(default_factory=SystemConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
@@ -1074,6 +1260,7 @@ class ExperimentConfig:
             )
         self._validate_sampling_and_aggregation()
         self._validate_distributed()
+        self._validate_system()
         client = self.client
         if isinstance(self.algorithm, ScaffoldConfig) and (
             client.optimizer != "sgd" or client.grad_clip_norm is not None or client.weight_decay
@@ -1085,6 +1272,24 @@ class ExperimentConfig:
                 f"{', client.weight_decay' if client.weight_decay else ''}. Set "
                 "client.optimizer=sgd (without grad_clip_norm or weight_decay), or use fedavg or "
                 "fedprox with that optimizer."
+            )
+        if type(self.algorithm).rank_tiers and self.trainable.mode != "lora":
+            raise ConfigError(
+                f"algorithm.type={self.algorithm.name} aggregates LoRA adapters; it needs "
+                f"trainable.mode=lora (got {self.trainable.mode})."
+            )
+        if isinstance(self.algorithm, FLoRAConfig) and self.server.optimizer not in (None, "sgd"):
+            raise ConfigError(
+                "algorithm.type=flora merges the averaged adapters into the base with plain SGD "
+                f"(server.lr scales the merge); server.optimizer={self.server.optimizer!r} "
+                "cannot apply; set it to null or sgd."
+            )
+        self._validate_personalization()
+        if isinstance(self.algorithm, FedNovaConfig) and client.optimizer == "adamw":
+            raise ConfigError(
+                "algorithm.type=fednova normalizes each client's change by its effective number "
+                "of SGD or momentum steps, which adamw's adaptive steps do not have; set "
+                "client.optimizer=sgd or momentum."
             )
         if self.pretrained.path is None and self.model.max_seq_len < self.data.seq_len:
             raise ConfigError(
@@ -1110,6 +1315,116 @@ class ExperimentConfig:
                 f"data.task_families: unknown {bad}; valid choices are {sorted(TASK_FAMILIES)}."
             )
         return self
+
+    def _validate_personalization(self) -> None:
+        # The personal part must name parameters the trainable has; what only the loaded model
+        # knows (a pretrained model's layers) is checked when the algorithm first sees params.
+        algorithm, mode = self.algorithm, self.trainable.mode
+        if isinstance(algorithm, FedSALoRAConfig) and mode != "lora":
+            raise ConfigError(
+                f"algorithm.type=fedsa_lora keeps the LoRA B factors personal; it needs "
+                f"trainable.mode=lora (got {mode})."
+            )
+        if isinstance(algorithm, FedSALoRAConfig | FedPerConfig) and self.privacy.audit_canaries:
+            # Canaries are planted in the upload's shape (the shared part only) but scored
+            # against the whole model's change, so their scores would mean nothing.
+            raise _FieldError(
+                "privacy.audit_canaries",
+                f"privacy.audit_canaries needs the whole model uploaded; algorithm.type="
+                f"{algorithm.name} keeps a part of it on the clients. Set privacy.audit_canaries "
+                "to 0 or use ditto or fedavg.",
+            )
+        if isinstance(algorithm, FedPerConfig):
+            if mode == "soft_prompt":
+                raise ConfigError(
+                    "algorithm.type=fedper makes the last layers personal, but "
+                    "trainable.mode=soft_prompt has no per-layer parameters; use lora, prefix "
+                    "or full."
+                )
+            layers = self.model.num_layers
+            if self.pretrained.path is None and algorithm.personal_layers > layers:
+                raise _FieldError(
+                    "algorithm.personal_layers",
+                    f"algorithm.personal_layers={algorithm.personal_layers} must be from 1 to "
+                    f"model.num_layers={layers}.",
+                )
+
+    def _validate_system(self) -> None:
+        system, tiers = self.system, self.system.num_tiers
+        fractions = system.tier_fractions
+        if fractions and (min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6):
+            raise _FieldError(
+                "system.tier_fractions",
+                f"system.tier_fractions={list(fractions)} must be shares >= 0 summing to 1.",
+            )
+        per_tier = {
+            "tier_local_steps": system.tier_local_steps,
+            "tier_step_time_s": system.tier_step_time_s,
+            "tier_lora_ranks": system.tier_lora_ranks,
+        }
+        for name, values in per_tier.items():
+            if values and len(values) != tiers:
+                raise _FieldError(
+                    f"system.{name}",
+                    f"system.{name}={list(values)} gives {len(values)} values for {tiers} "
+                    f"tier(s) (system.tier_fractions={list(fractions)}); give one per tier.",
+                )
+        steps = self.client.local_steps
+        if any(not 1 <= k <= steps for k in system.tier_local_steps):
+            raise _FieldError(
+                "system.tier_local_steps",
+                f"system.tier_local_steps={list(system.tier_local_steps)}: each must be from 1 to "
+                f"client.local_steps={steps} (the compiled number of local steps).",
+            )
+        if any(t <= 0 for t in system.tier_step_time_s):
+            raise _FieldError(
+                "system.tier_step_time_s",
+                f"system.tier_step_time_s={list(system.tier_step_time_s)}: each must be positive.",
+            )
+        if system.deadline_s is not None:
+            if not system.tier_step_time_s:
+                raise _FieldError(
+                    "system.deadline_s",
+                    "system.deadline_s needs system.tier_step_time_s (how long a local step "
+                    "takes each tier) to know when clients stop.",
+                )
+            slowest = max(system.tier_step_time_s)
+            if system.deadline_s < slowest:
+                raise _FieldError(
+                    "system.deadline_s",
+                    f"system.deadline_s={system.deadline_s} is shorter than one local step of "
+                    f"the slowest tier ({slowest} s), whose clients could never contribute; "
+                    f"set it to at least {slowest}.",
+                )
+        ranks = system.tier_lora_ranks
+        if ranks:
+            top = self.trainable.lora_rank
+            if self.trainable.mode != "lora":
+                raise _FieldError(
+                    "system.tier_lora_ranks",
+                    "system.tier_lora_ranks gives clients LoRA ranks; it needs "
+                    f"trainable.mode=lora (got {self.trainable.mode}).",
+                )
+            if any(not 1 <= r <= top for r in ranks):
+                raise _FieldError(
+                    "system.tier_lora_ranks",
+                    f"system.tier_lora_ranks={list(ranks)}: each rank must be from 1 to "
+                    f"trainable.lora_rank={top} (the maximum rank the round is compiled for).",
+                )
+            if not type(self.algorithm).rank_tiers:
+                raise _FieldError(
+                    "system.tier_lora_ranks",
+                    f"system.tier_lora_ranks needs an algorithm that trains LoRA at a rank per "
+                    f"client (hetlora, flexlora, flora, ffa_lora); algorithm.type="
+                    f"{self.algorithm.name} would ignore the ranks.",
+                )
+        s = self.sampling
+        if s.availability_period and s.kind != "availability":
+            raise _FieldError(
+                "sampling.availability_period",
+                "sampling.availability_period sets a day/night availability cycle; it needs "
+                f"sampling.kind=availability (got {s.kind}).",
+            )
 
     def _validate_sampling_and_aggregation(self) -> None:
         sampling, aggregation = self.sampling, self.aggregation
@@ -1161,6 +1476,12 @@ class ExperimentConfig:
             raise ConfigError(
                 f"aggregation.transforms: unknown {bad}; valid choices: {sorted(TRANSFORMS)} "
                 "(custom: fedjax_llm.register_transform)."
+            )
+        compressors = [t for t in aggregation.transforms if t in COMPRESSION_TRANSFORMS]
+        if len(compressors) > 1:
+            raise ConfigError(
+                f"aggregation.transforms names {len(compressors)} compressors {compressors}; "
+                "an upload is compressed once: keep one."
             )
         self._validate_privacy()
         self._validate_byzantine()

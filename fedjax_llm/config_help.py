@@ -105,7 +105,7 @@ def _choice_section(name: str, base: type, width: int) -> list[str]:
     default_class = type(getattr(ExperimentConfig(), name))
     default_name = next((k for k, v in choices.items() if v is default_class), None)
     type_entry = (
-        f"--{name}.type  ({'|'.join(choices)}, default {default_name})  which {name}; the "
+        f"--{name}.type  ({' | '.join(choices)}, default {default_name})  which {name}; the "
         "keys of each type are listed under it below."
     )
     lines = [_wrap(type_entry, width, indent=2)]

@@ -253,6 +253,125 @@ def per_client_results(
     return results
 
 
+PERSONAL_PREFIX = "client/personal/"
+"""Prefix of the personalized evaluation's metrics: ``client/personal/loss_mean`` beside the
+global model's ``client/loss_mean`` (`summarize_clients`), on the same held-out examples."""
+
+
+def make_personal_eval_step(eval_step: Callable, personal_params: Callable) -> Callable:
+    """Builds the jitted evaluation of several clients, each with its own params.
+
+    Args:
+      eval_step: from `make_eval_step`.
+      personal_params: ``(global_params, one_client_state) -> params`` (the algorithm's
+        `fedjax_llm.Algorithm.personal_params`).
+
+    Returns:
+      ``step(frozen, global_params, client_states, tokens, loss_mask, prompt_len)`` over G
+      rows: ``client_states`` holds each row's client's state (leading axis G) and the examples
+      are ``[G, P, ...]``. A `jax.lax.map` over the rows builds one client's params at a time
+      (memory of one personal model, whatever G) and runs `eval_step` on its P examples;
+      outputs are `eval_step`'s with a leading G axis.
+    """
+
+    @jax.jit
+    def step(frozen, global_params, client_states, tokens, loss_mask, prompt_len):
+        def one(inputs):
+            state, row_tokens, row_mask, row_prompt_len = inputs
+            params = personal_params(global_params, state)
+            return eval_step(frozen, params, row_tokens, row_mask, row_prompt_len)
+
+        return jax.lax.map(one, (client_states, tokens, loss_mask, prompt_len))
+
+    return step
+
+
+def evaluate_personalized(
+    step: Callable,
+    frozen: PyTree,
+    global_params: PyTree,
+    client_states: PyTree,
+    dataset: FederatedDataset,
+    tokenizer: Any,
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Evaluates every client's held-out examples with that client's own params.
+
+    Every client is evaluated, sampled or not: one never sampled has its initial state (for
+    the built-in algorithms its personal part or model is the global init). Each client's
+    examples are cut into rows of ``P = min(largest client, batch_size)`` examples (the last
+    padded with its first example, dropped after); each call evaluates
+    ``max(1, batch_size // P)`` rows, so every call has one shape (one compilation).
+
+    Args:
+      step: from `make_personal_eval_step`.
+      frozen: the frozen base.
+      global_params: the current global trainable params.
+      client_states: the algorithm's part of the client store (``ClientStates.algorithm``),
+        leading axis at least ``dataset.num_clients``; device or host arrays.
+      dataset: the per-client held-out sets (e.g. ``TaskData.client_test``).
+      tokenizer: decodes generated answers for exact match.
+      batch_size: examples per call.
+
+    Returns:
+      Per-example ``loss_sum``, ``target_tokens`` and, when the step generates,
+      ``exact_match``, in ``dataset.examples`` order (as `evaluate_examples` returns).
+    """
+    examples = dataset.examples
+    starts = np.asarray(dataset.client_start, np.int64)
+    counts = np.asarray(dataset.client_count, np.int64)
+    per_row = int(min(max(int(counts.max(initial=1)), 1), batch_size))
+    rows_per_call = max(1, batch_size // per_row)
+    clients, indices, valid = [], [], []
+    for m in range(dataset.num_clients):
+        for begin in range(0, int(counts[m]), per_row):
+            offsets = begin + np.arange(per_row)
+            ok = offsets < counts[m]
+            clients.append(m)
+            indices.append(starts[m] + np.where(ok, offsets, 0))
+            valid.append(ok)
+    pad = -len(clients) % rows_per_call
+    clients += [0] * pad
+    indices += [np.full(per_row, starts[0])] * pad
+    valid += [np.zeros(per_row, bool)] * pad
+    clients_arr, index, mask = np.asarray(clients), np.stack(indices), np.stack(valid)
+    n = len(examples.tokens)
+    loss_sum, target_tokens = np.zeros(n, np.float64), np.zeros(n, np.float64)
+    exact: np.ndarray | None = None
+    for begin in range(0, len(clients_arr), rows_per_call):
+        rows = slice(begin, begin + rows_per_call)
+        ids, idx, ok = clients_arr[rows], index[rows], mask[rows]
+        states = jax.tree.map(lambda s, ids=ids: s[ids], client_states)
+        out = step(
+            frozen,
+            global_params,
+            states,
+            examples.tokens[idx],
+            examples.loss_mask[idx],
+            examples.prompt_len[idx],
+        )
+        ls, tt, generated = jax.device_get(out)
+        loss_sum[idx[ok]] = ls[ok]
+        target_tokens[idx[ok]] = tt[ok]
+        if generated.shape[-1]:
+            exact = np.zeros(n, np.float64) if exact is None else exact
+            for row, i in zip(generated[ok], idx[ok], strict=True):
+                exact[i] = float(tokenizer.decode(row.tolist()) == examples.responses[i])
+    out = {"loss_sum": loss_sum, "target_tokens": target_tokens}
+    if exact is not None:
+        out["exact_match"] = exact
+    return out
+
+
+def summarize_personal(per_example: dict[str, np.ndarray], dataset: FederatedDataset) -> dict:
+    """`summarize_clients` of the personalized evaluation, its keys under `PERSONAL_PREFIX`
+    (``client/personal/loss_mean``, ``client/personal/loss_worst10``, ...)."""
+    return {
+        PERSONAL_PREFIX + key.removeprefix("client/"): value
+        for key, value in summarize_clients(per_example, dataset).items()
+    }
+
+
 def make_arrays_eval_step(objective: Objective) -> Callable:
     """The jitted per-batch evaluation of any objective: ``(frozen, params, batch) ->
     {name: [B]}`` per-example metric sums."""

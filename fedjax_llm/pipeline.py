@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_llm.config import COMPRESSION_TRANSFORMS
 from kernels import (
     clip_by_global_norm,
     coordinate_median,
@@ -363,8 +364,20 @@ def init_pipeline_state(pipeline: AggregationPipeline, upload_like: PyTree) -> P
 
 
 # ------------------------------------------------------------------------------- registries
+def _compression(name: str) -> Callable[[Any], UploadTransform]:
+    """A builder of `fedjax_llm.compression`'s transform ``name`` from ``config.aggregation``."""
+
+    def build(config):
+        from fedjax_llm import compression
+
+        return compression.compression_transform(name, config)
+
+    return build
+
+
 TRANSFORMS: dict[str, Callable[[Any], UploadTransform]] = {
     "clip": lambda config: clip_upload(default=config.aggregation.clip_norm),
+    **{name: _compression(name) for name in COMPRESSION_TRANSFORMS},
 }
 """Upload transforms by config name: ``name -> builder(ExperimentConfig)``."""
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_llm.algorithms.base import Algorithm, HyperParams, RoundInfo
+from fedjax_llm.client_profiles import local_step_limit, with_client_values
 from fedjax_llm.objectives import LOSS_SUM, LOSS_WEIGHT, Objective, check_fields
 from fedjax_llm.pipeline import (
     AggregationPipeline,
@@ -64,11 +65,15 @@ class ClientData(NamedTuple):
         (``tokens`` and ``loss_mask`` for language modelling; whatever the objective reads).
       client_start: ``[M]`` int32 index of each client's first example.
       client_count: ``[M]`` int32 number of examples of each client (>= 1).
+      client_profile: per-client system attributes ``{name: [M]}`` (compute tier's step
+        budget, step time, LoRA rank; `fedjax_llm.client_profiles`); each client sees its row
+        as round values in ``hparams.values``. Empty: every client alike.
     """
 
     examples: dict
     client_start: jax.Array
     client_count: jax.Array
+    client_profile: dict = {}  # noqa: RUF012 - a pytree field; never mutated
 
 
 class ClientBatches(NamedTuple):
@@ -82,10 +87,13 @@ class ClientBatches(NamedTuple):
       examples: dict of per-slot arrays ``[C, K, B, ...]`` (the fields the objective reads).
       client_count: ``[C]`` int32 each slot's client's number of examples (its masks and
         weight; 1 for padding slots).
+      client_profile: each slot's client's system attributes ``{name: [C]}`` (see
+        `ClientData`).
     """
 
     examples: dict
     client_count: jax.Array
+    client_profile: dict = {}  # noqa: RUF012 - a pytree field; never mutated
 
 
 class LocalSchedule(NamedTuple):
@@ -318,12 +326,22 @@ def make_client_update(
             count = data.client_count
             example_mask, step_mask = client_masks(count, schedule)
             batches = dict(data.examples)
+            profile = data.client_profile
         else:
             start, count = data.client_start[client_id], data.client_count[client_id]
             indices, example_mask, step_mask = client_batch_indices(
                 data_key, start, count, schedule
             )
             batches = {name: x[indices] for name, x in data.examples.items()}
+            profile = {name: x[client_id] for name, x in data.client_profile.items()}
+        # The client's system attributes become round values that every piece can read.
+        hparams = with_client_values(hparams, profile)
+        limit = local_step_limit(hparams.values)
+        if limit is not None:
+            # A compute tier or the round's deadline stops this client early: its later steps
+            # are masked (no recompilation when tiers or the deadline change).
+            step_mask = jnp.logical_and(step_mask, jnp.arange(schedule.local_steps) < limit)
+            example_mask = example_mask * step_mask[:, None]
         batches["example_weight"] = example_mask
 
         def loss_fn(params, batch, key):
@@ -334,9 +352,10 @@ def make_client_update(
             new_state, metrics = algorithm.client_step(
                 broadcast, client_state.algorithm, train_state, batch, key, loss_fn, hparams
             )
-            # A masked step (client out of data) leaves the state exactly as it was. Without
-            # local_epochs every step is real, so skip the extra pass over the state.
-            if schedule.local_epochs is not None:
+            # A masked step (client out of data or out of time) leaves the state exactly as
+            # it was. Without local_epochs or step limits every step is real, so skip the extra
+            # pass over the state.
+            if schedule.local_epochs is not None or limit is not None:
                 new_state = _tree_where(valid, new_state, train_state)
             metrics = {name: value * valid for name, value in metrics.items()}
             return new_state, metrics
@@ -789,6 +808,11 @@ def finish_round(
         state.pipeline.transform, stats, transform_key, hparams
     )
     info = RoundInfo(jnp.sum(weights > 0), num_clients_total, hparams)
+    if algorithm.server_metrics is not None:
+        aggregator_metrics = {
+            **aggregator_metrics,
+            **algorithm.server_metrics(state.server, aggregate, info),
+        }
     server = algorithm.server_update(state.server, aggregate, info, update_key)
     if not pipeline.aggregator.updates_when_empty:
         # No upload arrived: the server state stays exactly as it was.

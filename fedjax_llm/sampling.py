@@ -222,6 +222,11 @@ class AvailabilitySampler:
       num_clients: population size.
       num_per_round: clients per round (the bound).
       availability: one probability for all clients, or ``[num_clients]`` probabilities.
+      groups: clients split into this many groups (time zones) by a seeded permutation.
+      period: rounds of a day/night cycle (0: availability constant over rounds).
+      amplitude: the cycle's relative swing in [0, 1]: in round r a client of group g is
+        available with probability ``availability * (1 + amplitude * cos(2 pi (r / period +
+        g / groups)))``, clipped to [0, 1].
     """
 
     def __init__(
@@ -230,6 +235,9 @@ class AvailabilitySampler:
         num_clients: int,
         num_per_round: int,
         availability: float | Sequence[float] | np.ndarray,
+        groups: int = 1,
+        period: int = 0,
+        amplitude: float = 0.0,
     ):
         probs = np.broadcast_to(np.asarray(availability, np.float64), (num_clients,))
         if np.any(probs < 0) or np.any(probs > 1) or not np.any(probs > 0):
@@ -237,13 +245,30 @@ class AvailabilitySampler:
                 "sampling.availability must be probabilities in [0, 1], not all 0; got "
                 f"{np.asarray(availability).tolist() if np.ndim(availability) == 0 else '...'}."
             )
+        if groups < 1 or period < 0 or not 0.0 <= amplitude <= 1.0:
+            raise ValueError(
+                f"availability cycle: groups={groups} must be >= 1, period={period} >= 0 and "
+                f"amplitude={amplitude} in [0, 1]."
+            )
         self.seed, self.num_clients, self.availability = seed, num_clients, probs
+        self.period, self.amplitude = period, amplitude
+        # Each group's phase in the cycle; group sizes differ by at most one client.
+        order = np.random.default_rng([seed, 0x6A0]).permutation(num_clients)
+        self.phase = np.empty(num_clients)
+        self.phase[order] = (np.arange(num_clients) % groups) / groups
         self.max_cohort = num_per_round
         self.expected_cohort = float(num_per_round)  # an upper estimate when few are online
 
+    def availability_at(self, round_num: int) -> np.ndarray:
+        """``[num_clients]`` each client's probability of being online in a round."""
+        if not self.period or not self.amplitude:
+            return self.availability
+        angle = 2 * np.pi * (round_num / self.period + self.phase)
+        return np.clip(self.availability * (1 + self.amplitude * np.cos(angle)), 0.0, 1.0)
+
     def sample(self, round_num: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, round_num, 0xA7A])
-        available = np.flatnonzero(rng.random(self.num_clients) < self.availability)
+        available = np.flatnonzero(rng.random(self.num_clients) < self.availability_at(round_num))
         take = min(self.max_cohort, len(available))
         return np.sort(rng.choice(available, size=take, replace=False)).astype(np.int32)
 

@@ -29,6 +29,7 @@ from fedjax_llm import distributed
 from fedjax_llm.algorithms import Algorithm, HyperParams, build_algorithm
 from fedjax_llm.checkpoint import Checkpointer, CheckpointMismatchError, config_differences
 from fedjax_llm.chunking import activation_bytes_per_client, auto_chunk_size
+from fedjax_llm.client_profiles import DEADLINE, build_client_profile
 from fedjax_llm.client_store import (
     BatchPrefetcher,
     HostClientData,
@@ -37,6 +38,7 @@ from fedjax_llm.client_store import (
     to_device,
 )
 from fedjax_llm.compilation_cache import configure_compilation_cache
+from fedjax_llm.compression import BYTES_STAT, compressed_upload_bytes, downlink_bytes
 from fedjax_llm.config import (
     DATA_ATTACKS,
     ConfigError,
@@ -67,12 +69,15 @@ from fedjax_llm.errors import (
 from fedjax_llm.evaluation import (
     evaluate_arrays,
     evaluate_examples,
+    evaluate_personalized,
     make_arrays_eval_step,
     make_eval_step,
+    make_personal_eval_step,
     per_client_results,
     summarize_arrays,
     summarize_clients,
     summarize_global,
+    summarize_personal,
 )
 from fedjax_llm.metrics import MetricsWriter, RoundProgress, read_jsonl, summary_table
 from fedjax_llm.models.hf_loader import ModelLoadError, load_pretrained
@@ -434,6 +439,8 @@ class Simulation:
             values = merge_hyperparams(self.algorithm.hyperparams, self.pipeline.hyperparams)
         except ValueError as err:
             raise ConfigError(f"client.objective / aggregation: {err}") from None
+        if config.system.deadline_s is not None:
+            values[DEADLINE] = config.system.deadline_s
         self._hyperparam_defaults = values
         self._hyperparam_schedule = hyperparam_schedule
         params = self.trainable.init(trainable_key, base)
@@ -471,12 +478,15 @@ class Simulation:
         client_count = np.concatenate(
             [train.client_count, np.full(p.audit_canaries, train.client_count[0])]
         )
+        # Capability tiers (step budgets, step times, LoRA ranks): per-client round values.
+        profile = build_client_profile(config.system, self.num_clients, config.run.seed)
+        self.client_profile = profile
         self.host_data: HostClientData | None = None
         self.host_store: HostStateStore | None = None
         self.client_data: ClientData | None = None
         if self.placement == "host":
             self.state = one_client
-            self.host_data = HostClientData(examples, client_start, client_count)
+            self.host_data = HostClientData(examples, client_start, client_count, profile)
             try:
                 self.host_store = HostStateStore(
                     jax.tree.map(lambda x: x[0], one_client.clients),
@@ -494,6 +504,7 @@ class Simulation:
                 },
                 client_start=jnp.asarray(client_start, jnp.int32),
                 client_count=jnp.asarray(client_count, jnp.int32),
+                client_profile={name: jnp.asarray(x) for name, x in profile.items()},
             )
         self._prefetcher: BatchPrefetcher | None = None
         self._example_fields = tuple(examples)
@@ -547,6 +558,14 @@ class Simulation:
                 pad_id,
                 self.objective,
             )
+        # An algorithm with personal state is also evaluated client by client with each
+        # client's own params (`_evaluate_personal`).
+        self.personal_eval_step = (
+            make_personal_eval_step(self.eval_step, self.algorithm.personal_params)
+            if self.algorithm.personal_params is not None
+            and not isinstance(self.data, ClientArrays)
+            else None
+        )
         self.history: list[dict] = []
         # Set when a run stops before its last round because of the privacy budget.
         self.stopped_by_budget: str | None = None
@@ -823,7 +842,33 @@ class Simulation:
             self.client_results = per_client_results(
                 per_client, test, self.data.stats.get("client_names")
             )
+            if self.personal_eval_step is not None:
+                out.update(self._evaluate_personal(test, bs))
         return out
+
+    def _evaluate_personal(self, test: Any, batch_size: int) -> dict:
+        """The personalized evaluation: every client (sampled or not) with its own params
+        (`Algorithm.personal_params` of the global params and its client state) on its own
+        held-out examples, beside the global model's per-client metrics on the same examples.
+        Adds ``personal_*`` fields to `client_results`; returns ``client/personal/*``."""
+        store = self.client_store.algorithm
+        if distributed.is_multiprocess():
+            store = distributed.local_view(store)
+        per_example = evaluate_personalized(
+            self.personal_eval_step,
+            self.frozen,
+            self.params,
+            store,
+            test,
+            self.tokenizer,
+            batch_size,
+        )
+        own_results = per_client_results(per_example, test)
+        for row, own in zip(self.client_results, own_results, strict=True):
+            for key in ("loss", "perplexity", "exact_match"):
+                if key in own:
+                    row[f"personal_{key}"] = own[key]
+        return summarize_personal(per_example, test)
 
     # ----------------------------------------------------------------------------- loop
     def hyperparams(self, round_num: int) -> HyperParams:
@@ -986,7 +1031,10 @@ class Simulation:
         )
         # Values per upload: secure aggregation sends each as one 32-bit ring element.
         self._upload_params = sum(math.prod(x.shape) for x in jax.tree.leaves(like))
-        return tree_bytes(broadcast), tree_bytes(like)
+        # A compressed upload's exact bytes (a Python int: the float32 stat rounds past 2**24).
+        self._compressed_up_bytes = compressed_upload_bytes(self.config, like)
+        down = downlink_bytes(self.state.server, broadcast)
+        return tree_bytes(broadcast) if down is None else down, tree_bytes(like)
 
     def run(self) -> list[dict]:
         """Runs the remaining rounds; returns the metric history (one dict per record).
@@ -1263,6 +1311,11 @@ class Simulation:
             "bytes_down": down_bytes * sampled,
             "bytes_up": up_bytes * int(cohort.delivered.sum()),
         }
+        if BYTES_STAT in out.pipeline and not self.config.secure_aggregation.enabled:
+            # A compressing upload transform reports its messages' bytes (secure aggregation's
+            # masked payload is dense whatever was compressed before it).
+            record["bytes_up_dense"] = record["bytes_up"]
+            record["bytes_up"] = self._compressed_bytes_up(out, cohort)
         if self.config.secure_aggregation.enabled:
             # The masked payload is as large as the float32 one; the protocol's keys and
             # secret shares are extra, for every sampled client (dropped ones included).
@@ -1279,6 +1332,18 @@ class Simulation:
             record["privacy/epsilon"] = self.privacy.epsilon()
             record["privacy/delta"] = self.privacy_plan.delta
         return record
+
+    def _compressed_bytes_up(self, out: RoundOutput, cohort: Cohort) -> int:
+        """The round's exact compressed upload bytes, summed over delivered clients."""
+        summed = float(out.pipeline[BYTES_STAT])
+        per_client = getattr(self, "_compressed_up_bytes", None)
+        if per_client is not None:
+            exact = per_client * int(cohort.delivered.sum())
+            # The config's compressor is the one that ran (not a custom pipeline's) if the
+            # float32 sum agrees up to its rounding.
+            if abs(summed - exact) <= 1e-4 * exact + 0.5:
+                return exact
+        return round(summed)
 
     # ----------------------------------------------------------------------------- output
     def _print_header(self, progress: RoundProgress) -> None:
@@ -1492,7 +1557,13 @@ def build_sampler(config: ExperimentConfig, num_clients: int) -> ClientSampler:
             )
         if s.kind == "availability":
             return AvailabilitySampler(
-                run.seed, num_clients, run.num_clients_per_round, s.availability
+                run.seed,
+                num_clients,
+                run.num_clients_per_round,
+                s.availability,
+                groups=s.availability_groups,
+                period=s.availability_period,
+                amplitude=s.availability_amplitude,
             )
         return UniformSampler(run.seed, num_clients, run.num_clients_per_round)
     except ValueError as err:

@@ -13,6 +13,19 @@ from kernels.aggregation import (
 )
 from kernels.attacks import alie, alie_z, gaussian_noise_attack, ipm, scaling, sign_flip
 from kernels.clipping import clip_by_global_norm, global_norm
+from kernels.compression import (
+    low_rank,
+    low_rank_bytes,
+    num_kept,
+    random_k,
+    random_k_bytes,
+    scaled_sign,
+    scaled_sign_bytes,
+    stochastic_quantize,
+    stochastic_quantize_bytes,
+    top_k,
+    top_k_bytes,
+)
 from kernels.dp_noise import add_gaussian_noise, gaussian_noise_like
 from kernels.pytree import PyTree
 from kernels.robust import (
@@ -58,14 +71,25 @@ __all__ = [
     "krum",
     "krum_scores",
     "krum_selection",
+    "low_rank",
+    "low_rank_bytes",
     "mask_upload",
     "masked_bytes_per_client",
     "norm_bounded_mean",
+    "num_kept",
     "pair_mask",
     "quantize",
+    "random_k",
+    "random_k_bytes",
     "ring_scale",
+    "scaled_sign",
+    "scaled_sign_bytes",
     "scaling",
     "sign_flip",
+    "stochastic_quantize",
+    "stochastic_quantize_bytes",
+    "top_k",
+    "top_k_bytes",
     "trimmed_mean",
     "weighted_mean",
     "weighted_sum_finalize",

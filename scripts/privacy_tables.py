@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 from collections.abc import Sequence
 
-import jax
-
 from fedjax_llm.cli import ScriptContext, exit_process, run_script
-from fedjax_llm.comparisons import markdown_table, run_variants, write_rows
+from fedjax_llm.comparisons import machine, markdown_table, run_variants, shortened, write_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DP_BASE = os.path.join(ROOT, "configs", "dp_fedavg.yaml")
@@ -77,28 +73,6 @@ COST_VARIANTS = {
         "privacy.noise_multiplier=1.0",
     ],
 }
-
-
-def machine() -> str:
-    """The CPU model (lscpu) or accelerator the figures come from."""
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        return device.device_kind
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "cpu"
-
-
-def shortened(variants: dict, rounds: int | None) -> dict:
-    if rounds is None:
-        return variants
-    extra = [f"run.num_rounds={rounds}", f"eval.every={rounds}", "run.checkpoint_every=0"]
-    return {name: [*overrides, *extra] for name, overrides in variants.items()}
 
 
 def epsilon_table(args) -> tuple[list[dict], str]:

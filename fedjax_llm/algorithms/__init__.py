@@ -17,8 +17,21 @@ from fedjax_llm.algorithms.base import (
     set_learning_rate,
     sgd_step,
 )
+from fedjax_llm.algorithms.ditto import make_ditto
 from fedjax_llm.algorithms.fedavg import make_fedavg
+from fedjax_llm.algorithms.fednova import make_fednova
 from fedjax_llm.algorithms.fedprox import make_fedprox
+from fedjax_llm.algorithms.hetero_lora import (
+    make_ffa_lora,
+    make_flexlora,
+    make_flora,
+    make_hetlora,
+)
+from fedjax_llm.algorithms.personalized import (
+    make_fedper,
+    make_fedsa_lora,
+    make_partially_personal,
+)
 from fedjax_llm.algorithms.scaffold import make_scaffold
 from fedjax_llm.config import ConfigError, ExperimentConfig, register_algorithm_config
 from fedjax_llm.optimizers import make_client_optimizer, make_server_optimizer
@@ -32,6 +45,36 @@ ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], str]] = {
     "fedadagrad": (lambda c, s, cfg: make_fedavg(c, s), "adagrad"),
     "fedprox": (lambda c, s, cfg: make_fedprox(c, s, cfg.algorithm.mu), "sgd"),
     "scaffold": (lambda c, s, cfg: make_scaffold(c, s), "sgd"),
+    "fedsa_lora": (lambda c, s, cfg: make_fedsa_lora(c, s), "sgd"),
+    "fedper": (
+        lambda c, s, cfg: make_fedper(
+            c,
+            s,
+            cfg.trainable.mode,
+            cfg.algorithm.personal_layers,
+            cfg.algorithm.personal_modules,
+        ),
+        "sgd",
+    ),
+    "ditto": (lambda c, s, cfg: make_ditto(c, s, cfg.algorithm.lam, cfg.algorithm.proximal), "sgd"),
+    "hetlora": (
+        lambda c, s, cfg: make_hetlora(
+            c, s, cfg.algorithm.prune_lambda, cfg.algorithm.prune_threshold
+        ),
+        "sgd",
+    ),
+    "flexlora": (lambda c, s, cfg: make_flexlora(c, s), "sgd"),
+    "flora": (
+        lambda c, s, cfg: make_flora(c, cfg.trainable.lora_alpha / cfg.trainable.lora_rank),
+        "sgd",
+    ),
+    "ffa_lora": (lambda c, s, cfg: make_ffa_lora(c, s), "sgd"),
+    "fednova": (
+        lambda c, s, cfg: make_fednova(
+            c, s, cfg.client.momentum if cfg.client.optimizer == "momentum" else 0.0
+        ),
+        "sgd",
+    ),
 }
 
 
@@ -91,8 +134,17 @@ __all__ = [
     "ServerState",
     "build_algorithm",
     "init_client_optimizer",
+    "make_ditto",
     "make_fedavg",
+    "make_fednova",
+    "make_ffa_lora",
+    "make_flexlora",
+    "make_flora",
+    "make_hetlora",
+    "make_fedper",
     "make_fedprox",
+    "make_fedsa_lora",
+    "make_partially_personal",
     "make_scaffold",
     "register_algorithm",
     "server_optimizer_update",

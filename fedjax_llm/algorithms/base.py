@@ -104,6 +104,14 @@ class Algorithm(NamedTuple):
         into it, or training it on public data): ``(server_state) -> frozen``. The simulator then
         calls ``server_init(params, frozen)``, takes the base from the server state every round
         and checkpoints it with it. None (the default): the base stays fixed and is not stored.
+      server_metrics: ``(server_state, aggregate, round_info) -> {name: scalar}``: metrics of
+        the server step (reported with the round's pipeline metrics), computed from the state
+        before the update and the aggregate; None: none.
+      personal_params: for algorithms that keep a personal model per client (Ditto) or a
+        personal part of it (FedPer, FedSA-LoRA): ``(global_params, one_client_state) ->
+        params``, the client's own params from the global params and its state in the client
+        store (no client axis). The personalized evaluation evaluates each client with it on
+        its own held-out data. None (the default): the algorithm is not personalized.
     """
 
     server_init: Callable
@@ -116,6 +124,8 @@ class Algorithm(NamedTuple):
     server_update: Callable
     hyperparams: Mapping[str, float] = MappingProxyType({})
     server_frozen: Callable | None = None
+    server_metrics: Callable | None = None
+    personal_params: Callable | None = None
 
 
 class Broadcast(NamedTuple):
