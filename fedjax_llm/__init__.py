@@ -39,6 +39,12 @@ from fedjax_llm.compression import (
     with_downlink_compression,
 )
 from fedjax_llm.config import ConfigError, ExperimentConfig, dump_config, load_config
+from fedjax_llm.contribution import (
+    ContributionScores,
+    UploadRecord,
+    make_contribution_scorer,
+    with_upload_record,
+)
 from fedjax_llm.data import ClientArrays
 from fedjax_llm.objectives import Objective, next_token_loss, register_objective
 from fedjax_llm.pipeline import (
@@ -145,4 +151,8 @@ __all__ = [
     "sign_compressor",
     "topk_compressor",
     "with_downlink_compression",
+    "ContributionScores",
+    "UploadRecord",
+    "make_contribution_scorer",
+    "with_upload_record",
 ]

@@ -326,9 +326,11 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
     """The federated algorithm, chosen by ``algorithm.type``; each type has its own settings.
 
     Types: ``fedavg``, ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad`` (FedAvg with that
-    server optimizer), ``fedprox`` (``mu``), ``scaffold``, or a type added with
-    `fedjax_llm.register_algorithm`. In YAML: ``algorithm: {type: fedprox, mu: 0.01}``; on the
-    command line: ``--algorithm.type fedprox --algorithm.mu 0.01``.
+    server optimizer), ``fedprox`` (``mu``), ``scaffold``, ``fednova``; LoRA at a rank per
+    client: ``hetlora``, ``flexlora``, ``flora``, ``ffa_lora``; personalized: ``fedsa_lora``,
+    ``fedper``, ``ditto``; or a type added with `fedjax_llm.register_algorithm`. In YAML:
+    ``algorithm: {type: fedprox, mu: 0.01}``; on the command line: ``--algorithm.type fedprox
+    --algorithm.mu 0.01``.
 
     Attributes:
       weighting: aggregate client uploads weighted by ``num_examples`` or ``uniform``.
@@ -537,6 +539,11 @@ class AggregationConfig:
       error_feedback: compressors keep each client's residual (what compression left out) in
         the client store and add it to the next upload; ``randk`` scales its values by n / k
         (unbiased) only when this is off.
+      downlink: compress the broadcast too: the server sends each round a compressed change
+        of the model with ``topk``, ``randk``, ``qsgd``, ``sign`` or ``lowrank`` (the same
+        settings as the upload's), keeping what it left out as server-side error feedback
+        (`fedjax_llm.compression.with_downlink_compression`); ``bytes_down`` counts the
+        compressed message. Null: the dense model.
     """
 
     transforms: tuple[str, ...] = ()
@@ -553,6 +560,7 @@ class AggregationConfig:
     quantization_bits: int = 8
     lowrank_rank: int = 4
     error_feedback: bool = True
+    downlink: Literal["topk", "randk", "qsgd", "sign", "lowrank"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -724,6 +732,30 @@ class SystemConfig:
     def num_tiers(self) -> int:
         """The number of tiers (1 without ``tier_fractions``)."""
         return len(self.tier_fractions) or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ContributionConfig:
+    """Scores of each sampled client's contribution to each round (`fedjax_llm.contribution`),
+    written to contributions.jsonl and contributions.json in the run directory.
+
+    Attributes:
+      enabled: score every round: the cosine of each client's update with the aggregate, its
+        first-order leave-one-out influence on the held-out loss and its GTG-Shapley value.
+        The round then gathers every sampled client's upload (slots x upload bytes).
+      eval_examples: size of the fixed, seeded subset of the global held-out examples that
+        the scores' held-out loss is measured on.
+      shapley_permutations: Monte Carlo permutations of the round's clients per round for
+        the Shapley values (each client first in turn); 0 computes no Shapley values.
+      truncation: GTG-Shapley's relative tolerance: a permutation stops once its prefix's
+        value is within truncation x the whole round's value, and a round whose update
+        changes the value by less than that is not scored; 0: no truncation.
+    """
+
+    enabled: bool = False
+    eval_examples: int = 64
+    shapley_permutations: int = 8
+    truncation: float = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -943,6 +975,11 @@ FIELD_RANGES: dict[type, dict[str, Range]] = {
         "availability_amplitude": between(0, 1),
     },
     SystemConfig: {"deadline_s": positive("null: no deadline")},
+    ContributionConfig: {
+        "eval_examples": positive(),
+        "shapley_permutations": at_least(0, "0: no Shapley values"),
+        "truncation": between(0, 1, high_open=True, note="0: no truncation"),
+    },
     RunConfig: {
         "num_rounds": positive(),
         "num_clients_per_round": positive(),
@@ -1203,6 +1240,7 @@ class ExperimentConfig:
     byzantine: ByzantineConfig = dataclasses.field(default_factory=ByzantineConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     system: SystemConfig = dataclasses.field(default_factory=SystemConfig)
+    contribution: ContributionConfig = dataclasses.field(default_factory=ContributionConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
@@ -1261,6 +1299,7 @@ class ExperimentConfig:
         self._validate_sampling_and_aggregation()
         self._validate_distributed()
         self._validate_system()
+        self._validate_contribution()
         client = self.client
         if isinstance(self.algorithm, ScaffoldConfig) and (
             client.optimizer != "sgd" or client.grad_clip_norm is not None or client.weight_decay
@@ -1277,6 +1316,14 @@ class ExperimentConfig:
             raise ConfigError(
                 f"algorithm.type={self.algorithm.name} aggregates LoRA adapters; it needs "
                 f"trainable.mode=lora (got {self.trainable.mode})."
+            )
+        if type(self.algorithm).rank_tiers and (
+            self.privacy.level == "client" or self.secure_aggregation.enabled
+        ):
+            raise ConfigError(
+                f"algorithm.type={self.algorithm.name} aggregates what the server computes from "
+                "each client's adapter (products, norm weights), which client-level DP's clip "
+                "and secure aggregation's masks do not cover; use fedavg with LoRA for those."
             )
         if isinstance(self.algorithm, FLoRAConfig) and self.server.optimizer not in (None, "sgd"):
             raise ConfigError(
@@ -1348,6 +1395,21 @@ class ExperimentConfig:
                     f"algorithm.personal_layers={algorithm.personal_layers} must be from 1 to "
                     f"model.num_layers={layers}.",
                 )
+
+    def _validate_contribution(self) -> None:
+        # Per-client uploads and scores show exactly what the server must not learn there.
+        if not self.contribution.enabled:
+            return
+        if self.privacy.level == "client":
+            raise ConfigError(
+                "contribution.enabled scores each client's own upload, which client-level DP "
+                "(privacy.level=client) hides; turn one of them off."
+            )
+        if self.secure_aggregation.enabled:
+            raise ConfigError(
+                "contribution.enabled scores each client's own upload, but with "
+                "secure_aggregation.enabled the server only learns their sum; turn one off."
+            )
 
     def _validate_system(self) -> None:
         system, tiers = self.system, self.system.num_tiers

@@ -53,6 +53,26 @@ from kernels.pytree import PyTree
 
 NO_HYPERPARAMS: Mapping[str, float] = MappingProxyType({})
 
+RECORD_PREFIX = "record/"
+"""Aggregator metrics whose names start with this are arrays, not scalars: per-slot uploads
+and weights, the aggregate (`fedjax_llm.contribution.with_upload_record`). The round returns
+them in ``RoundOutput.pipeline`` like any metric; the simulator takes them out
+(`split_recorded`) before the scalar metrics are recorded."""
+
+
+def split_recorded(metrics: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Splits a round's pipeline metrics into scalars and recorded arrays (`RECORD_PREFIX`).
+
+    Args:
+      metrics: ``RoundOutput.pipeline``.
+
+    Returns:
+      ``(scalars, recorded)``: the metrics without the prefix, and those with it (names kept).
+    """
+    scalars = {k: v for k, v in metrics.items() if not k.startswith(RECORD_PREFIX)}
+    recorded = {k: v for k, v in metrics.items() if k.startswith(RECORD_PREFIX)}
+    return scalars, recorded
+
 
 class RoundContext(NamedTuple):
     """What a piece that needs the whole cohort knows about the round.
@@ -133,7 +153,8 @@ class Aggregator(NamedTuple):
         chunk of uploads ``[c, ...]`` with their weights ``[c]`` (0 = contributes nothing).
       finalize: ``(state, accumulator_or_gathered, key, hparams) -> (aggregate, state,
         metrics)``: the aggregate (shaped like one upload), the new state and a dict of scalar
-        metrics. Receives a `Gathered` when ``gathers`` is set.
+        metrics (names starting with `RECORD_PREFIX` may hold arrays instead). Receives a
+        `Gathered` when ``gathers`` is set.
       gathers: whether the aggregator needs every upload at once (``start``/``accumulate`` are
         then unused); the round then holds all sampled clients' uploads in memory.
       hyperparams: round-varying scalars this aggregator reads from ``hparams.values``.

@@ -40,7 +40,6 @@ from fedjax_llm.pipeline import (
     PipelineState,
     RoundContext,
     default_pipeline,
-    init_pipeline_state,
     merge_hyperparams,
     with_overrides,
 )
@@ -374,6 +373,9 @@ def make_client_update(
         upload, new_transform_state, stats = transform.apply(
             output, transform_state, client_state.transform, upload_key, hparams, **extra
         )
+        if algorithm.expand_upload is not None:
+            # What the server computes from the delivered message before aggregating it.
+            upload = algorithm.expand_upload(broadcast, upload)
         participating = jnp.asarray(participating, jnp.float32)
         # Only a participating client can deliver (whatever a hand-made cohort says).
         delivered = jnp.asarray(delivered, jnp.float32) * participating
@@ -384,9 +386,14 @@ def make_client_update(
         metrics["examples"] = jnp.sum(example_mask)
         # Padding slots report nothing (where, not a product, so that garbage cannot leak).
         metrics = {name: jnp.where(participating > 0, v, 0) for name, v in metrics.items()}
+        new_state = ClientStates(new_algorithm_state, new_transform_state)
+        if schedule.local_epochs is not None or limit is not None:
+            # A client stopped before its first step uploads nothing that counts (weight 0):
+            # it keeps its state (an error-feedback residual must not forget what it held).
+            new_state = _tree_where(train_state.steps > 0, new_state, client_state)
         return ClientResult(
             upload=upload,
-            state=ClientStates(new_algorithm_state, new_transform_state),
+            state=new_state,
             weight=size * took_steps * delivered,
             metrics=metrics,
             stats={name: jnp.asarray(v, jnp.float32) * delivered for name, v in stats.items()},
@@ -442,6 +449,24 @@ def upload_shape(
     return jax.eval_shape(upload, server_state, one_client_state)
 
 
+def aggregate_shape(algorithm: Algorithm, server_state: PyTree, upload_like: PyTree) -> PyTree:
+    """The shapes of what the server aggregates from one message (`Algorithm.expand_upload`).
+
+    Args:
+      algorithm: the algorithm.
+      server_state: its server state (arrays or shape structs).
+      upload_like: one client's message (`upload_shape`).
+
+    Returns:
+      ``upload_like`` itself, or the expanded upload's shapes.
+    """
+    if algorithm.expand_upload is None:
+        return upload_like
+    return jax.eval_shape(
+        lambda s, u: algorithm.expand_upload(algorithm.broadcast(s), u), server_state, upload_like
+    )
+
+
 def init_round_state(
     algorithm: Algorithm,
     params: PyTree,
@@ -481,7 +506,10 @@ def init_round_state(
 
     return RoundState(
         server=server,
-        pipeline=init_pipeline_state(pipeline, like),
+        pipeline=PipelineState(
+            pipeline.transform.init(like),
+            pipeline.aggregator.init(aggregate_shape(algorithm, server, like)),
+        ),
         clients=ClientStates(stack(one_state), stack(one_transform_state)),
     )
 
@@ -714,6 +742,7 @@ def make_round_fn(
             jax.tree.map(lambda s: s[0], state.clients.algorithm),
             hparams,
         )
+        like = aggregate_shape(algorithm, state.server, like)
         return finish_round(
             algorithm,
             pipeline,
@@ -867,7 +896,8 @@ def make_sequential_round(
 
     def _upload_like(state, hparams):
         one = jax.tree.map(lambda s: s[0], state.clients.algorithm)
-        return upload_shape(algorithm, pipeline, state.server, one, hparams)
+        like = upload_shape(algorithm, pipeline, state.server, one, hparams)
+        return aggregate_shape(algorithm, state.server, like)
 
     @jax.jit
     def start(state, hparams):

@@ -47,6 +47,15 @@ from fedjax_llm.config import (
     config_to_dict,
     dump_config,
 )
+from fedjax_llm.contribution import (
+    ContributionScoring,
+    contribution_eval_batch,
+    contribution_writer,
+    round_records,
+    upload_record,
+    with_upload_record,
+    write_contribution_totals,
+)
 from fedjax_llm.data import (
     ByteTokenizer,
     ClientArrays,
@@ -92,6 +101,7 @@ from fedjax_llm.pipeline import (
     chain,
     clip_upload,
     merge_hyperparams,
+    split_recorded,
 )
 from fedjax_llm.privacy.audit import canary_audit, membership_inference
 from fedjax_llm.privacy.canaries import (
@@ -306,7 +316,8 @@ class Simulation:
     `evaluate`). Attributes after construction: ``data`` (a `TaskData` or `ClientArrays`),
     ``trainable``, ``algorithm``, ``pipeline``, ``objective``, ``sampler`` and ``state`` (a
     `RoundState`: server state, pipeline state, client store); ``params`` gives the current
-    global trainable parameters.
+    global trainable parameters; ``contribution`` scores the clients of each round
+    (`fedjax_llm.contribution.ContributionScoring`, None without ``contribution.enabled``).
 
     Every argument after ``config`` replaces what the config would build, so research code can
     bring its own pieces without touching the library.
@@ -390,6 +401,8 @@ class Simulation:
         self.objective = objective or OBJECTIVES[config.client.objective](
             self.trainable.apply, pad_id, config
         )
+        # The held-out loss of the contribution scores (never DP-SGD's private gradient).
+        self._scored_objective = self.objective
         self.algorithm = algorithm or build_algorithm(config)
         if sampler is None and config.run.num_clients_per_round > self.num_clients:
             raise ConfigError(
@@ -416,9 +429,6 @@ class Simulation:
             self.objective = dp_sgd_objective(
                 self.objective, self.privacy_plan.clip_norm, self.privacy_plan.noise_multiplier
             )
-        self.pipeline = pipeline or build_pipeline(
-            config, self.num_clients, self.sampler, self.privacy_plan, self.canaries
-        )
         # The accountant of the rounds that ran (restored with a checkpoint).
         self.privacy = RunPrivacy(self.privacy_plan) if self.privacy_plan is not None else None
         devices = 1 if self.mesh is None else self.mesh.size
@@ -426,6 +436,20 @@ class Simulation:
         if not isinstance(examples, dict):
             examples = {"tokens": examples.tokens, "loss_mask": examples.loss_mask}
         self.clients_per_chunk = self._chunk_size(examples, devices)
+        # Contribution scores record the uploads, summed chunk by chunk like the round's.
+        record_chunk = self.clients_per_chunk if self.mesh is None else None
+        if pipeline is not None and config.contribution.enabled:
+            pipeline = pipeline._replace(
+                aggregator=with_upload_record(pipeline.aggregator, record_chunk)
+            )
+        self.pipeline = pipeline or build_pipeline(
+            config,
+            self.num_clients,
+            self.sampler,
+            self.privacy_plan,
+            self.canaries,
+            clients_per_chunk=record_chunk,
+        )
         self.slots = cohort_slots(self.sampler.max_cohort, self.clients_per_chunk, devices)
         if "tokens" in examples and len(examples["tokens"]):
             top = int(np.max(examples["tokens"]))
@@ -566,6 +590,10 @@ class Simulation:
             and not isinstance(self.data, ClientArrays)
             else None
         )
+        # Per-round client contribution scores (``contribution.enabled``), see `run`.
+        self.contribution = self._contribution_scoring()
+        # The last round's recorded uploads (`fedjax_llm.contribution.UploadRecord`).
+        self.upload_record: Any = None
         self.history: list[dict] = []
         # Set when a run stops before its last round because of the privacy budget.
         self.stopped_by_budget: str | None = None
@@ -653,13 +681,75 @@ class Simulation:
         need = tree_bytes(like) * self.slots
         limit = device_memory_bytes()
         if need > limit // 2:
-            raise ConfigError(
-                f"aggregation.aggregator={self.config.aggregation.aggregator!r} gathers every "
-                f"sampled client's upload: {self.slots} x {tree_bytes(like):,} bytes = {need:,}, "
-                f"more than half of the device's {limit:,} bytes. Use a streaming aggregator "
-                "(mean), fewer run.num_clients_per_round, or a smaller trainable (trainable.mode="
-                "lora)."
+            who, fix = (
+                ("contribution.enabled records", "Turn contribution scores off")
+                if self.config.contribution.enabled
+                else (
+                    f"aggregation.aggregator={self.config.aggregation.aggregator!r} gathers",
+                    "Use a streaming aggregator (mean)",
+                )
             )
+            raise ConfigError(
+                f"{who} every "
+                f"sampled client's upload: {self.slots} x {tree_bytes(like):,} bytes = {need:,}, "
+                f"more than half of the device's {limit:,} bytes. {fix}, fewer "
+                "run.num_clients_per_round, or a smaller trainable (trainable.mode=lora)."
+            )
+
+    def _contribution_scoring(self) -> ContributionScoring | None:
+        """The scorer of ``contribution.enabled`` (None when off), after checking that the
+        run's uploads and held-out set can be scored."""
+        c = self.config.contribution
+        if not c.enabled:
+            return None
+        name = self.config.algorithm.name
+        if self.algorithm.server_frozen is not None:
+            raise ConfigError(
+                f"contribution.enabled measures the held-out loss on a fixed base, but "
+                f"algorithm.type={name} changes the base every round; turn one of them off."
+            )
+        one = jax.tree.map(lambda x: x[0], self.state.clients.algorithm)
+        like = upload_shape(
+            self.algorithm,
+            self.pipeline,
+            self.state.server,
+            one,
+            round_hparams(0.0, values=self._hyperparam_defaults),
+        )
+        params = self.algorithm.server_params(self.state.server)
+        delta = getattr(like, "delta", None)
+        if (
+            delta is None
+            or jax.tree.structure(delta) != jax.tree.structure(params)
+            or any(
+                tuple(d.shape) != tuple(p.shape)
+                for d, p in zip(jax.tree.leaves(delta), jax.tree.leaves(params), strict=True)
+            )
+        ):
+            raise ConfigError(
+                f"contribution.enabled moves the global params by the clients' uploaded "
+                f"deltas, but algorithm.type={name} uploads something shaped otherwise; turn "
+                "one of them off."
+            )
+        held_out = self.data.eval
+        if held_out is None:
+            raise ConfigError(
+                "contribution.enabled needs a global held-out set; give the ClientArrays an "
+                "eval set."
+            )
+        try:
+            batch = contribution_eval_batch(
+                held_out, self._scored_objective.fields, c.eval_examples, self.config.run.seed
+            )
+        except ValueError as err:
+            raise ConfigError(f"contribution.eval_examples: {err}") from None
+        return ContributionScoring(
+            self._scored_objective,
+            batch,
+            c.shapley_permutations,
+            c.truncation,
+            batch_size=self.config.eval.batch_size,
+        )
 
     # ----------------------------------------------------------------------------- state
     def _state(self) -> dict:
@@ -999,16 +1089,18 @@ class Simulation:
 
     def run_round(self, round_num: int) -> tuple[RoundOutput, Cohort]:
         """Runs one round (zero-based ``round_num``) and updates ``state``; returns the
-        round's output (fetched to the host) and cohort."""
+        round's output (fetched to the host) and cohort. Uploads recorded for contribution
+        scores stay on the device, in ``upload_record``, out of the output."""
         if self._compiled is None:
             self.compile()
         cohort, inputs = self._round_inputs(round_num)
         if self.replica_group is not None:
             with _device_memory(f"round {round_num + 1}"):
                 self.state, out = self.replica_group.run_round(self, round_num, cohort, inputs)
-            return out, cohort
+            return self._keep_upload_record(out), cohort
         with _device_memory(f"round {round_num + 1}"):
             state, out = self._compiled(*inputs)
+            out = self._keep_upload_record(out)
             if self.host_store is None:
                 self.state = state
                 return jax.device_get(out), cohort
@@ -1021,6 +1113,13 @@ class Simulation:
             self.host_store.scatter(cohort.client_ids, written, rows)
             self.state = state._replace(clients=self.state.clients)
             return out, cohort
+
+    def _keep_upload_record(self, out: RoundOutput) -> RoundOutput:
+        """Keeps a round's recorded uploads in ``upload_record`` (where they are, on the
+        device) and returns the output without them: only scalars are fetched and recorded."""
+        scalars, recorded = split_recorded(out.pipeline)
+        self.upload_record = upload_record(recorded)
+        return out._replace(pipeline=scalars)
 
     def _communication(self) -> tuple[int, int]:
         """Bytes one client downloads (the broadcast) and uploads (its `ClientOutput`)."""
@@ -1060,6 +1159,11 @@ class Simulation:
             else distributed.NullMetricsWriter()
         )
         client_writer = _client_results_writer(self.run_dir, self.start_round)
+        scores_writer = (
+            contribution_writer(self.run_dir, self.start_round)
+            if self.contribution is not None
+            else distributed.NullMetricsWriter()
+        )
         # On resume, TensorBoard hides the earlier process's events from the first new record.
         first_new = self.start_round + 1 if self.start_round else 0
         board = (
@@ -1094,6 +1198,10 @@ class Simulation:
                     budget_stop = self._budget_exceeded(r)
                     if budget_stop is not None:
                         break
+                    before = None
+                    if self.contribution is not None:
+                        # The round donates the state; the scores need the params before it.
+                        before = jax.tree.map(jnp.copy, self.params)
                     t0 = time.perf_counter()
                     out, cohort = self.run_round(r)
                     wall = time.perf_counter() - t0
@@ -1110,6 +1218,8 @@ class Simulation:
                             else "the global parameters are not finite (NaN or inf)"
                         )
                         raise _divergence(r + 1, what, last_good)
+                    if self.contribution is not None:
+                        record.update(self._score_contributions(r, cohort, before, scores_writer))
                     if evaluates and ((r + 1) % config.eval.every == 0 or r + 1 == end):
                         record.update(self._checked_evaluate(r + 1, last_good, client_writer))
                         progress.log_eval(r + 1, {k: v for k, v in record.items() if "/" in k})
@@ -1141,6 +1251,9 @@ class Simulation:
                     + "."
                 )
                 progress.log(self.stopped_by_budget)
+            if self.contribution is not None:
+                scores_writer.close()
+                write_contribution_totals(self.run_dir)
             self.audit = self._audit(progress)
             self._write_summary(progress)
             if distributed.is_main_process():
@@ -1155,11 +1268,40 @@ class Simulation:
             writer.close()
             board.close()
             client_writer.close()
+            scores_writer.close()
             self.checkpointer.close()
             if self._prefetcher is not None:
                 self._prefetcher.close()
                 self._prefetcher = None
         return self.history
+
+    def _score_contributions(
+        self, r: int, cohort: Cohort, before: PyTree, lines: MetricsWriter
+    ) -> dict:
+        """Scores the sampled clients of round ``r`` (zero-based) from its recorded uploads
+        and the params ``before`` it; writes their lines and returns the round's metrics."""
+        t0 = time.perf_counter()
+        record, self.upload_record = self.upload_record, None
+        if record is None:
+            raise RuntimeError("contribution.enabled, but the round recorded no uploads.")
+        with _device_memory(f"the contribution scores of round {r + 1}"):
+            scores = self.contribution.score(
+                self.frozen, before, record, self._round_key(r), self.hyperparams(r).server_lr
+            )
+        weights = np.asarray(jax.device_get(record.weights))
+        ids, sampled = np.asarray(cohort.client_ids), np.asarray(cohort.participating)
+        if len(weights) != len(ids):  # the sequential engine records the sampled slots only
+            ids, sampled = ids[sampled], np.ones(int(sampled.sum()), bool)
+        shapley = self.contribution.num_permutations > 0
+        for line in round_records(r + 1, ids, sampled, weights, scores, shapley):
+            lines.write(line)
+        return {
+            "contribution/loss_before": -float(scores.value_before),
+            "contribution/loss_after": -float(scores.value_after),
+            "contribution/evaluations": int(scores.evaluations),
+            "contribution/shapley_skipped": bool(scores.shapley_skipped),
+            "contribution_time_s": time.perf_counter() - t0,
+        }
 
     def _audit(self, progress: RoundProgress) -> dict | None:
         """The empirical privacy checks of a run: the canary audit's epsilon lower bound and
@@ -1383,6 +1525,14 @@ class Simulation:
             )
         if self.privacy_plan is not None:
             progress.log(self.privacy_plan.describe())
+        if self.contribution is not None:
+            scoring = self.contribution
+            progress.log(
+                "contribution scores every round: cosine, leave-one-out and GTG-Shapley "
+                f"({scoring.num_permutations} permutations) on "
+                f"{len(scoring.eval_batch['example_weight'])} held-out examples, in "
+                f"{self.run_dir}/contributions.jsonl"
+            )
         for note in self.notes:
             progress.log(note)
 
@@ -1437,7 +1587,8 @@ class Simulation:
 
     def wall_time_breakdown(self) -> dict[str, float]:
         """Where this process's wall time went: loading the model and the data, compiling,
-        rounds, evaluations, checkpoints, and the rest (setup, output), summing to the total."""
+        rounds, evaluations, checkpoints, contribution scores, and the rest (setup, output),
+        summing to the total."""
         new = self.history[self._first_new_record :]
         spent = {
             "load": self.timings.get("load_time_s", 0.0),
@@ -1446,6 +1597,7 @@ class Simulation:
             "rounds": sum(h.get("round_time_s", 0.0) for h in new),
             "evaluation": sum(h.get("eval_time_s", 0.0) for h in new),
             "checkpoints": sum(h.get("checkpoint_time_s", 0.0) for h in new),
+            "contribution": sum(h.get("contribution_time_s", 0.0) for h in new),
         }
         total = time.perf_counter() - self._started
         spent["other"] = max(total - sum(spent.values()), 0.0)
@@ -1477,13 +1629,16 @@ def build_pipeline(
     sampler: ClientSampler,
     privacy: PrivacyPlan | None = None,
     canaries: Canaries | None = None,
+    *,
+    clients_per_chunk: int | None = None,
 ) -> AggregationPipeline:
     """The aggregation pipeline a config names.
 
     ``aggregation.transforms`` in order; then, with client-level DP, the clip of each client's
     whole upload (fixed or adaptive) and the noised fixed-denominator mean in place of
-    ``aggregation.aggregator``; with ``byzantine.fraction`` the malicious clients' attack in
-    front of the aggregator.
+    ``aggregation.aggregator``; with ``contribution.enabled`` the recording of the uploads
+    (`fedjax_llm.contribution.with_upload_record`) around it; with ``byzantine.fraction`` the
+    malicious clients' attack in front of both (so the recorded uploads are the attacked ones).
 
     Args:
       config: the experiment config.
@@ -1491,6 +1646,8 @@ def build_pipeline(
       sampler: the run's client sampler (its expected cohort is DP's denominator).
       privacy: the run's `PrivacyPlan` (None: no DP).
       canaries: the audit's canary clients (their uploads are replaced before clipping).
+      clients_per_chunk: the one-device round's chunk size, with which the recording sums a
+        streaming aggregator's uploads (None: all at once).
     """
     a, b = config.aggregation, config.byzantine
     transforms = [TRANSFORMS[name](config) for name in a.transforms]
@@ -1528,6 +1685,8 @@ def build_pipeline(
             expected_clients=sampler.expected_cohort if client_dp else None,
             noise_multiplier=privacy.update_noise_multiplier if client_dp else 0.0,
         )
+    if config.contribution.enabled:
+        aggregator = with_upload_record(aggregator, clients_per_chunk)
     if b.fraction > 0 and b.attack not in DATA_ATTACKS:
         table = malicious_clients(num_clients, b.fraction, config.run.seed)
         aggregator = with_attack(aggregator, table, b.attack, b)

@@ -395,8 +395,11 @@ def test_shipped_compression_config_loads():
 
 # ---------------------------------------------------------------------------------- the run
 def test_topk_run_learns_and_reports_exact_bytes(make_config):
+    """Top-10% uploads and a top-10% broadcast (``aggregation.downlink``), both with error
+    feedback: the run learns and both directions report their exact bytes."""
     config = make_config(
-        aggregation={"transforms": ("topk",), "compression_ratio": 0.1}, run={"num_rounds": 4}
+        aggregation={"transforms": ("topk",), "compression_ratio": 0.1, "downlink": "topk"},
+        run={"num_rounds": 4},
     )
     sim = Simulation(config, verbose=False)
     n = sum(x.size for x in jax.tree.leaves(sim.params))
@@ -411,6 +414,7 @@ def test_topk_run_learns_and_reports_exact_bytes(make_config):
         assert record["bytes_up_dense"] == 4 * n * delivered
         assert record["bytes_up"] == k * 8 * delivered
         assert record["pipeline/compression/bytes_up"] == record["bytes_up"]
+        assert record["bytes_down"] == k * 8 * record["sampled"]
     # About 0.2 of the dense size: a tenth of the values, each with a 4-byte index.
     assert rounds[0]["bytes_up"] / rounds[0]["bytes_up_dense"] == pytest.approx(0.2, abs=1e-3)
     assert rounds[-1]["pipeline/compression/residual_norm_sum"] > 0

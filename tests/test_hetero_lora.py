@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_llm import ConfigError, simulate
+from fedjax_llm import ConfigError, Simulation
 from fedjax_llm.algorithms import make_ffa_lora, make_flexlora, make_flora, make_hetlora
 from fedjax_llm.algorithms.hetero_lora import (
     aggregation_error,
@@ -279,10 +279,15 @@ def test_each_method_learns_with_rank_tiers(make_config, algorithm):
         system={"tier_fractions": (0.5, 0.5), "tier_lora_ranks": (1, 4)},
         run={"num_rounds": 4},
     )
-    history = simulate(config, verbose=False)
+    sim = Simulation(config, verbose=False)
+    values = sum(x.size for x in jax.tree.leaves(sim.params))
+    history = sim.run()
     rounds = [h for h in history if "train_loss" in h]
     assert rounds[-1]["train_loss"] < rounds[0]["train_loss"]
     assert history[-1]["eval/loss"] < history[0]["eval/loss"]
+    # Clients send their factors' change (FFA-LoRA: and R flags), never full-size products.
+    per_client = 4 * values + (4 * 4 if algorithm == "ffa_lora" else 0)
+    assert all(h["bytes_up"] == per_client * h["participants"] for h in rounds)
     errors = [h["pipeline/lora/aggregation_error"] for h in rounds]
     assert all(np.isfinite(errors))
     if algorithm == "ffa_lora":
@@ -297,3 +302,21 @@ def test_rank_tiers_need_a_heterogeneous_rank_algorithm(make_config):
             trainable={"mode": "lora", "lora_rank": 4},
             system={"tier_fractions": (0.5, 0.5), "tier_lora_ranks": (1, 4)},
         ).validate()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"privacy": {"level": "client", "noise_multiplier": 1.0}},
+        {"secure_aggregation": {"enabled": True}},
+    ],
+)
+def test_rank_aggregations_refuse_client_dp_and_secure_aggregation(make_config, overrides):
+    config = make_config(
+        trainable={"mode": "lora", "lora_rank": 4},
+        algorithm={"type": "flexlora"},
+        sampling={"kind": "poisson"},
+        **overrides,
+    )
+    with pytest.raises(ConfigError, match="flexlora"):
+        config.validate()

@@ -271,3 +271,39 @@ def test_tiers_deadline_and_fednova_run_end_to_end(make_config):
         # Each client takes 1 (fast tier: budget 1) or 2 (slow tier: deadline) steps.
         assert h["participants"] <= h["local_steps"] <= 2 * h["participants"]
         assert 1.0 <= h["pipeline/fednova/tau_eff"] <= 2.0
+
+
+def test_a_client_stopped_before_its_first_step_keeps_its_state():
+    """A top-k error-feedback residual built in round 1 survives a round where the client's
+    budget is 0 steps (its weight is 0: whatever it would send is not aggregated)."""
+    from fedjax_llm.compression import compress_upload, topk_compressor
+    from fedjax_llm.pipeline import AggregationPipeline, weighted_mean
+
+    algorithm = make_fedavg(client_sgd(), sgd_server())
+    pipeline = AggregationPipeline(compress_upload(topk_compressor(0.25)), weighted_mean())
+    data, params = make_problem()
+    round_fn = jax.jit(
+        make_round_fn(
+            algorithm,
+            OBJECTIVE,
+            SCHEDULE,
+            num_clients_total=M,
+            clients_per_chunk=None,
+            pipeline=pipeline,
+        )
+    )
+    state = init_round_state(algorithm, params, M, pipeline=pipeline)
+    ids, hparams = cohort((0, 1, 2)), round_hparams(0.1)
+    budgets = {MAX_LOCAL_STEPS: jnp.asarray([3, 3, 3, 3], jnp.float32)}
+    state, _ = round_fn(
+        None, state, data._replace(client_profile=budgets), ids, jax.random.key(0), hparams
+    )
+    before = jax.tree.map(lambda x: np.asarray(x[0]), state.clients.transform)
+    assert any(np.any(x != 0) for x in jax.tree.leaves(before))
+    budgets = {MAX_LOCAL_STEPS: jnp.asarray([0, 3, 3, 3], jnp.float32)}
+    state, out = round_fn(
+        None, state, data._replace(client_profile=budgets), ids, jax.random.key(1), hparams
+    )
+    assert float(out.weights[0]) == 0.0
+    after = jax.tree.map(lambda x: np.asarray(x[0]), state.clients.transform)
+    chex.assert_trees_all_equal(after, before)

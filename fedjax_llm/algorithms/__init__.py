@@ -116,11 +116,19 @@ def build_algorithm(config: ExperimentConfig) -> Algorithm:
             f"server.optimizer={config.server.optimizer!r}; set server.optimizer to null or "
             f"{implied!r}, or use algorithm.type=fedavg with the server optimizer you want."
         )
-    return builder(
+    algorithm = builder(
         make_client_optimizer(config.client),
         make_server_optimizer(config.server, server_name),
         config,
     )
+    if config.aggregation.downlink is not None:
+        from fedjax_llm.compression import COMPRESSORS, with_downlink_compression
+
+        compressor = COMPRESSORS[config.aggregation.downlink](config)
+        algorithm = with_downlink_compression(
+            algorithm, compressor, config.aggregation.error_feedback
+        )
+    return algorithm
 
 
 __all__ = [

@@ -104,6 +104,11 @@ class Algorithm(NamedTuple):
         into it, or training it on public data): ``(server_state) -> frozen``. The simulator then
         calls ``server_init(params, frozen)``, takes the base from the server state every round
         and checkpoints it with it. None (the default): the base stays fixed and is not stored.
+      expand_upload: ``(broadcast, upload) -> upload``: what the server computes from one
+        delivered message before aggregating it (FlexLoRA's full-size product from the
+        client's factors), applied after the upload transforms; the message (``client_final``'s
+        output) is what the client sends and what ``bytes_up`` counts. None: aggregate the
+        message as it is.
       server_metrics: ``(server_state, aggregate, round_info) -> {name: scalar}``: metrics of
         the server step (reported with the round's pipeline metrics), computed from the state
         before the update and the aggregate; None: none.
@@ -125,6 +130,7 @@ class Algorithm(NamedTuple):
     hyperparams: Mapping[str, float] = MappingProxyType({})
     server_frozen: Callable | None = None
     server_metrics: Callable | None = None
+    expand_upload: Callable | None = None
     personal_params: Callable | None = None
 
 

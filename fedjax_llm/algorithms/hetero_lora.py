@@ -33,14 +33,18 @@ The four published ways to aggregate adapters of different ranks (trainable para
   ``mean(b) a = mean(b a)`` exactly. With ranks per client (which the paper does not cover),
   each rank component of ``b`` is averaged over the clients that train it.
 
+Each client sends only its adapter's change (zero-padded to the compiled maximum rank R, which
+is what ``bytes_up`` counts; FFA-LoRA adds the R flags of the components it holds). What the
+server computes from a delivered message before aggregating it is the algorithm's
+`Algorithm.expand_upload` (FlexLoRA's and FLoRA's full-size products, HetLoRA's sparsity
+weight), so a compressed message is expanded after decompression, as in deployment.
+
 Every one of them reports ``lora/aggregation_error``: the relative Frobenius error
 ``||mean(a) mean(b) - mean(a b)|| / ||mean(a b)||`` that averaging the factors separately
-would make on this round's client adapters (0 for FFA-LoRA). For that, each client also
-uploads its final factors and ``a_i (b_i Z)`` for a fixed probe matrix ``Z`` (the identity
+would make on this round's client adapters (0 for FFA-LoRA), computed by the server from the
+messages: each client's factors and ``a_i (b_i Z)`` for a fixed probe matrix ``Z`` (the identity
 when d_out <= `ERROR_PROBES`, which makes the error exact; otherwise a Gaussian sketch of
-`ERROR_PROBES` columns, an unbiased estimate of the squared norms), so ``bytes_up`` counts
-these diagnostics too. In this simulation FlexLoRA's and FLoRA's uploads are the full-size
-products the server computes from the factors the papers send; ``bytes_up`` counts them.
+`ERROR_PROBES` columns, an unbiased estimate of the squared norms).
 """
 
 from __future__ import annotations
@@ -332,11 +336,6 @@ def make_hetlora(
         hparams = with_client_rank(hparams, broadcast.params)
         rank = rank_of(client_state, hparams)
         local = truncate(state.params, rank)
-        norm = jnp.sqrt(product_sq_norm(local))
-        # Sparsity weighting: the server divides the weighted sum by the summed weights.
-        delta = jax.tree.map(
-            lambda d: (norm * d).astype(d.dtype), tree_sub(local, broadcast.params)
-        )
         pruned = client_state.pruned
         if prune_threshold > 0:
             norms = component_norms(local)
@@ -346,8 +345,15 @@ def make_hetlora(
             drop = jnp.logical_and(last < prune_threshold * mean, rank > 1)
             drop = jnp.logical_and(drop, state.steps > 0)
             pruned = pruned + drop.astype(jnp.float32)
-        extra = {"norm": norm, "diagnostics": error_diagnostics(local)}
-        return ClientOutput(delta, extra), HetLoRAClientState(pruned)
+        # The message: the client's zero-padded adapter, as a change from the broadcast.
+        return ClientOutput(tree_sub(local, broadcast.params)), HetLoRAClientState(pruned)
+
+    def expand_upload(broadcast, upload):
+        local = jax.tree.map(jnp.add, broadcast.params, upload.delta)
+        norm = jnp.sqrt(product_sq_norm(local))
+        # Sparsity weighting: the server divides the weighted sum by the summed weights.
+        delta = jax.tree.map(lambda d: (norm * d).astype(d.dtype), upload.delta)
+        return ClientOutput(delta, {"norm": norm, "diagnostics": error_diagnostics(local)})
 
     def server_update(server_state, mean_output, round_info, key):
         del key
@@ -367,6 +373,7 @@ def make_hetlora(
         server_update=server_update,
         hyperparams={"hetlora_lambda": float(prune_lambda)} if prune_lambda else {},
         server_metrics=_error_metric,
+        expand_upload=expand_upload,
     )
 
 
@@ -404,9 +411,17 @@ def _factor_mean_algorithm(client_optimizer, server_optimizer, rank_of, frozen_a
         rank = rank_of(client_state, hparams)
         # Only the components the client trained: the others are not its to change.
         delta = truncate(tree_sub(state.params, broadcast.params), rank)
+        # The message: the trained components' change and which components the client holds.
         holds = (jnp.arange(max_rank(state.params)) < rank).astype(jnp.float32)
-        extra = {"holds": holds, "diagnostics": error_diagnostics(state.params)}
-        return ClientOutput(delta, extra), client_state
+        return ClientOutput(delta, {"holds": holds}), client_state
+
+    def expand_upload(broadcast, upload):
+        holds = upload.extra["holds"]
+        adapter = {
+            t: {"a": f["a"], "b": f["b"] * holds[None, :, None]}
+            for t, f in jax.tree.map(jnp.add, broadcast.params, upload.delta).items()
+        }
+        return upload._replace(extra={"holds": holds, "diagnostics": error_diagnostics(adapter)})
 
     def server_update(server_state, mean_output, round_info, key):
         del key
@@ -430,6 +445,7 @@ def _factor_mean_algorithm(client_optimizer, server_optimizer, rank_of, frozen_a
         client_final=client_final,
         server_update=server_update,
         server_metrics=_error_metric,
+        expand_upload=expand_upload,
     )
 
 
@@ -459,12 +475,16 @@ def make_flexlora(
     base = _factor_mean_algorithm(client_optimizer, server_optimizer, rank_of, frozen_a=False)
 
     def client_final(broadcast, state, client_state, hparams):
-        del hparams
-        change = jax.tree.map(
-            jnp.subtract, lora_products(state.params), lora_products(broadcast.params)
-        )
-        extra = {"diagnostics": error_diagnostics(state.params)}
-        return ClientOutput(change, extra), client_state
+        rank = rank_of(client_state, with_client_rank(hparams, broadcast.params))
+        # The message: the client's rank-r adapter as a change from the broadcast.
+        local = truncate(state.params, rank)
+        return ClientOutput(tree_sub(local, broadcast.params)), client_state
+
+    def expand_upload(broadcast, upload):
+        # The server forms the client's full-size product from its factors.
+        local = jax.tree.map(jnp.add, broadcast.params, upload.delta)
+        change = jax.tree.map(jnp.subtract, lora_products(local), lora_products(broadcast.params))
+        return ClientOutput(change, {"diagnostics": error_diagnostics(local)})
 
     def server_init(params):
         return ServerState(params, server_optimizer.init(lora_products(params)))
@@ -480,7 +500,10 @@ def make_flexlora(
         return ServerState(factors, stepped.opt_state)
 
     return base._replace(
-        server_init=server_init, client_final=client_final, server_update=server_update
+        server_init=server_init,
+        client_final=client_final,
+        server_update=server_update,
+        expand_upload=expand_upload,
     )
 
 
@@ -558,10 +581,16 @@ def make_flora(
     base = _factor_mean_algorithm(client_optimizer, optax.sgd(1.0), rank_of, frozen_a=False)
 
     def client_final(broadcast, state, client_state, hparams):
-        del hparams
-        # The fresh adapter's product is zero (b = 0): the client's product is its change.
-        extra = {"diagnostics": error_diagnostics(state.params)}
-        return ClientOutput(lora_products(state.params), extra), client_state
+        rank = rank_of(client_state, with_client_rank(hparams, broadcast.params))
+        # The message: the client's rank-r adapter as a change from the fresh one.
+        local = truncate(state.params, rank)
+        return ClientOutput(tree_sub(local, broadcast.params)), client_state
+
+    def expand_upload(broadcast, upload):
+        # The fresh adapter's product is zero (b = 0): the client's product is its change;
+        # the weighted mean of the products is the stacked adapters' product (`stack_lora`).
+        local = jax.tree.map(jnp.add, broadcast.params, upload.delta)
+        return ClientOutput(lora_products(local), {"diagnostics": error_diagnostics(local)})
 
     def server_init(params, frozen):
         return FLoRAServerState(params, frozen)
@@ -578,4 +607,5 @@ def make_flora(
         client_final=client_final,
         server_update=server_update,
         server_frozen=lambda s: s.base,
+        expand_upload=expand_upload,
     )
