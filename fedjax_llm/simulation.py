@@ -708,6 +708,12 @@ class Simulation:
                 f"contribution.enabled measures the held-out loss on a fixed base, but "
                 f"algorithm.type={name} changes the base every round; turn one of them off."
             )
+        if self.algorithm.expand_upload is not None:
+            raise ConfigError(
+                f"contribution.enabled scores each upload as a step of the global params, but "
+                f"algorithm.type={name} aggregates what the server computes from the uploads "
+                "(products, weighted adapters); turn one of them off."
+            )
         one = jax.tree.map(lambda x: x[0], self.state.clients.algorithm)
         like = upload_shape(
             self.algorithm,

@@ -481,7 +481,12 @@ def test_scores_are_refused_where_they_would_reveal_what_is_hidden(make_config, 
 
 
 @pytest.mark.parametrize(
-    "algorithm,message", [("fedsa_lora", "uploads something shaped"), ("flora", "changes the base")]
+    "algorithm,message",
+    [
+        ("fedsa_lora", "uploads something shaped"),
+        ("flora", "changes the base"),
+        ("flexlora", "computes from the uploads"),
+    ],
 )
 def test_scores_are_refused_for_uploads_that_are_not_a_step_of_the_params(
     make_config, algorithm, message
