@@ -246,6 +246,7 @@ def _masked_training(
     """
 
     def client_init(broadcast, client_state, hparams):
+        hparams = with_client_rank(hparams, broadcast.params)
         params = truncate(broadcast.params, rank_of(client_state, hparams))
         if frozen_a:
             # The shared, frozen a is never truncated: b's zero rows already remove its
@@ -255,7 +256,7 @@ def _masked_training(
         return ClientTrainState(params, opt_state, jnp.zeros((), jnp.int32))
 
     def client_step(broadcast, client_state, state, batch, key, loss_fn, hparams):
-        del broadcast
+        hparams = with_client_rank(hparams, broadcast.params)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
         rank = rank_of(client_state, hparams)
         if tail_lambda is not None:
@@ -281,6 +282,12 @@ def _masked_training(
         return new_state._replace(params=params), metrics
 
     return client_init, client_step
+
+
+def tier_rank(client_state, hparams) -> jax.Array:
+    """The client's rank from its tier (its profile's `LORA_RANK`, see `with_client_rank`)."""
+    del client_state
+    return hparams.values[LORA_RANK]
 
 
 def _error_metric(server_state, mean_output, round_info):
@@ -319,18 +326,11 @@ def make_hetlora(
     def rank_of(client_state, hparams):
         return jnp.maximum(hparams.values[LORA_RANK] - client_state.pruned, 1.0)
 
-    init, step = _masked_training(
+    client_init, client_step = _masked_training(
         client_optimizer,
         rank_of,
         tail_lambda=(lambda hp: hp.values["hetlora_lambda"]) if prune_lambda else None,
     )
-
-    def client_init(broadcast, client_state, hparams):
-        return init(broadcast, client_state, with_client_rank(hparams, broadcast.params))
-
-    def client_step(broadcast, client_state, state, batch, key, loss_fn, hparams):
-        hparams = with_client_rank(hparams, broadcast.params)
-        return step(broadcast, client_state, state, batch, key, loss_fn, hparams)
 
     def client_final(broadcast, state, client_state, hparams):
         hparams = with_client_rank(hparams, broadcast.params)
@@ -389,22 +389,11 @@ def make_ffa_lora(
       The `Algorithm`.
     """
 
-    def rank_of(client_state, hparams):
-        del client_state
-        return hparams.values[LORA_RANK]
-
-    return _factor_mean_algorithm(client_optimizer, server_optimizer, rank_of, frozen_a=True)
+    return _factor_mean_algorithm(client_optimizer, server_optimizer, tier_rank, frozen_a=True)
 
 
 def _factor_mean_algorithm(client_optimizer, server_optimizer, rank_of, frozen_a):
-    init, step = _masked_training(client_optimizer, rank_of, frozen_a=frozen_a)
-
-    def client_init(broadcast, client_state, hparams):
-        return init(broadcast, client_state, with_client_rank(hparams, broadcast.params))
-
-    def client_step(broadcast, client_state, state, batch, key, loss_fn, hparams):
-        hparams = with_client_rank(hparams, broadcast.params)
-        return step(broadcast, client_state, state, batch, key, loss_fn, hparams)
+    client_init, client_step = _masked_training(client_optimizer, rank_of, frozen_a=frozen_a)
 
     def client_final(broadcast, state, client_state, hparams):
         hparams = with_client_rank(hparams, broadcast.params)
@@ -468,14 +457,10 @@ def make_flexlora(
       The `Algorithm`; its server optimizer state lives in product space.
     """
 
-    def rank_of(client_state, hparams):
-        del client_state
-        return hparams.values[LORA_RANK]
-
-    base = _factor_mean_algorithm(client_optimizer, server_optimizer, rank_of, frozen_a=False)
+    base = _factor_mean_algorithm(client_optimizer, server_optimizer, tier_rank, frozen_a=False)
 
     def client_final(broadcast, state, client_state, hparams):
-        rank = rank_of(client_state, with_client_rank(hparams, broadcast.params))
+        rank = tier_rank(client_state, with_client_rank(hparams, broadcast.params))
         # The message: the client's rank-r adapter as a change from the broadcast.
         local = truncate(state.params, rank)
         return ClientOutput(tree_sub(local, broadcast.params)), client_state
@@ -574,14 +559,10 @@ def make_flora(
       The `Algorithm`; its server state (`FLoRAServerState`) holds the merged base.
     """
 
-    def rank_of(client_state, hparams):
-        del client_state
-        return hparams.values[LORA_RANK]
-
-    base = _factor_mean_algorithm(client_optimizer, optax.sgd(1.0), rank_of, frozen_a=False)
+    base = _factor_mean_algorithm(client_optimizer, optax.sgd(1.0), tier_rank, frozen_a=False)
 
     def client_final(broadcast, state, client_state, hparams):
-        rank = rank_of(client_state, with_client_rank(hparams, broadcast.params))
+        rank = tier_rank(client_state, with_client_rank(hparams, broadcast.params))
         # The message: the client's rank-r adapter as a change from the fresh one.
         local = truncate(state.params, rank)
         return ClientOutput(tree_sub(local, broadcast.params)), client_state
