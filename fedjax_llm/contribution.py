@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_llm import distributed
-from fedjax_llm.metrics import MetricsWriter, read_jsonl
+from fedjax_llm.metrics import read_jsonl
 from fedjax_llm.objectives import LOSS_SUM, LOSS_WEIGHT, Objective
 from fedjax_llm.pipeline import RECORD_PREFIX, Aggregator
 from kernels.pytree import PyTree
@@ -628,22 +628,6 @@ def round_records(
             }
         )
     return out
-
-
-def contribution_writer(run_dir: str, start_round: int) -> MetricsWriter:
-    """The writer of `CONTRIBUTIONS` (process 0 only), keeping the lines of the rounds up to
-    ``start_round`` (the restored state's) when a run resumes."""
-    if not distributed.is_main_process():
-        return distributed.NullMetricsWriter()
-    path = os.path.join(run_dir, CONTRIBUTIONS)
-    kept = []
-    if start_round and os.path.exists(path):
-        kept = [
-            r
-            for r in read_jsonl(path, allow_partial_last_line=True)
-            if r.get("round", 0) <= start_round
-        ]
-    return MetricsWriter(path, kept)
 
 
 def contribution_totals(records: Sequence[Mapping[str, Any]]) -> dict:

@@ -48,9 +48,9 @@ from fedjax_llm.config import (
     dump_config,
 )
 from fedjax_llm.contribution import (
+    CONTRIBUTIONS,
     ContributionScoring,
     contribution_eval_batch,
-    contribution_writer,
     round_records,
     upload_record,
     with_upload_record,
@@ -277,11 +277,13 @@ CLIENT_RESULTS = "eval_clients.jsonl"
 """Per-client evaluation results in a run directory: one line per client and evaluation."""
 
 
-def _client_results_writer(run_dir: str, start_round: int) -> MetricsWriter:
-    """The writer of `CLIENT_RESULTS`, keeping only the evaluations of the restored state."""
+def _per_round_writer(run_dir: str, name: str, start_round: int) -> MetricsWriter:
+    """The writer of a per-round JSONL file of the run directory (`CLIENT_RESULTS`,
+    `CONTRIBUTIONS`; process 0 only), keeping the lines of the rounds up to ``start_round``
+    (the restored state's) when a run resumes."""
     if not distributed.is_main_process():
         return distributed.NullMetricsWriter()
-    path = os.path.join(run_dir, CLIENT_RESULTS)
+    path = os.path.join(run_dir, name)
     kept = []
     if start_round and os.path.exists(path):
         kept = [
@@ -1164,9 +1166,9 @@ class Simulation:
             if distributed.is_main_process()
             else distributed.NullMetricsWriter()
         )
-        client_writer = _client_results_writer(self.run_dir, self.start_round)
+        client_writer = _per_round_writer(self.run_dir, CLIENT_RESULTS, self.start_round)
         scores_writer = (
-            contribution_writer(self.run_dir, self.start_round)
+            _per_round_writer(self.run_dir, CONTRIBUTIONS, self.start_round)
             if self.contribution is not None
             else distributed.NullMetricsWriter()
         )
