@@ -16,11 +16,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from test_pipeline import ALGORITHM, OBJECTIVE, SCHEDULE, M, make_problem
 
 from fedjax_llm import ConfigError, Simulation, load_config
-from fedjax_llm.algorithms import ClientOutput, RoundInfo, make_fedavg
+from fedjax_llm.algorithms import ClientOutput, RoundInfo
 from fedjax_llm.compression import (
     BYTES_STAT,
     RESIDUAL_STAT,
@@ -35,11 +35,8 @@ from fedjax_llm.compression import (
     with_downlink_compression,
 )
 from fedjax_llm.metrics import read_jsonl
-from fedjax_llm.objectives import LOSS_SUM, LOSS_WEIGHT, Objective
 from fedjax_llm.pipeline import AggregationPipeline, default_pipeline, weighted_mean
 from fedjax_llm.round import (
-    ClientData,
-    LocalSchedule,
     init_round_state,
     make_round_fn,
     round_hparams,
@@ -237,40 +234,6 @@ def test_without_error_feedback_nothing_is_kept():
 
 
 # ------------------------------------------------------------------------------ in the round
-SIZES = (3, 2, 4, 3, 5, 2)
-M, D = len(SIZES), 3
-SCHEDULE = LocalSchedule(local_steps=2, batch_size=2, max_client_examples=max(SIZES))
-
-
-def least_squares_loss(frozen, params, batch, key):
-    """Weighted mean of ``0.5 * (x . w + b - y)^2``; padding examples have weight 0."""
-    del frozen, key
-    weight = batch["example_weight"]
-    residual = jnp.sum(batch["x"] * params["w"], axis=-1) + params["b"] - batch["y"]
-    loss_sum = jnp.sum(weight * 0.5 * residual**2)
-    loss_weight = jnp.sum(weight)
-    return loss_sum / jnp.maximum(loss_weight, 1.0), {LOSS_SUM: loss_sum, LOSS_WEIGHT: loss_weight}
-
-
-OBJECTIVE = Objective(least_squares_loss, fields=("x", "y"))
-ALGORITHM = make_fedavg(optax.inject_hyperparams(optax.sgd)(learning_rate=99.0), optax.sgd(1.0))
-
-
-def make_problem():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(sum(SIZES), D)).astype(np.float32)
-    truth = np.repeat(rng.normal(size=(M, D + 1)), SIZES, axis=0)
-    y = (np.sum(x * truth[:, :D], axis=1) + truth[:, D]).astype(np.float32)
-    starts = np.concatenate([[0], np.cumsum(SIZES)[:-1]]).astype(np.int32)
-    data = ClientData(
-        {"x": jnp.asarray(x), "y": jnp.asarray(y)},
-        jnp.asarray(starts),
-        jnp.asarray(np.asarray(SIZES, np.int32)),
-    )
-    params = {"w": jnp.asarray(rng.normal(size=D), jnp.float32), "b": jnp.float32(0.3)}
-    return data, params
-
-
 COHORT = Cohort(
     jnp.asarray([0, 2, 3, 5], jnp.int32),
     jnp.asarray([True, True, True, False]),  # the last slot is padding
