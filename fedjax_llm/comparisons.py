@@ -145,3 +145,35 @@ def write_rows(path: str, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump({**meta, "rows": list(rows)}, f, indent=1)
+
+
+def run_table_command(
+    argv: Sequence[str] | None,
+    description: str,
+    tables: Mapping[str, Any],
+    runs_dir: str,
+    out_prefix: str,
+) -> int:
+    """The command line of a table script: ``TABLE [--rounds N] [--runs DIR] [--out FILE]``.
+
+    Builds the chosen table (``tables[name](args) -> (rows, markdown)``), writes its rows with
+    the settings and machine to ``--out`` (default ``<out_prefix>_<table>.json``) and prints
+    the Markdown table.
+
+    Returns:
+      The exit status (0).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("table", choices=sorted(tables))
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of every variant")
+    parser.add_argument("--runs", default=runs_dir)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    rows, table = tables[args.table](args)
+    out = args.out or f"{out_prefix}_{args.table}.json"
+    meta = {"table": args.table, "rounds": args.rounds, "machine": machine()}
+    write_rows(out, rows, meta)
+    print(f"{args.table} ({meta['machine']}; rows in {out}):\n{table}")
+    return 0

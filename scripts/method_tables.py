@@ -14,13 +14,12 @@ after another in this process so round times compare. Rows and settings go to ``
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 
 from fedjax_llm.cli import ScriptContext, exit_process, run_script
-from fedjax_llm.comparisons import machine, markdown_table, run_variants, shortened, write_rows
+from fedjax_llm.comparisons import markdown_table, run_table_command, run_variants, shortened
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "configs", "lora.yaml")
@@ -147,18 +146,13 @@ TABLES = {"methods": methods_table, "compression": compression_table}
 
 
 def body(argv: Sequence[str] | None, context: ScriptContext) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("table", choices=sorted(TABLES))
-    parser.add_argument("--rounds", type=int, default=None, help="rounds of every variant")
-    parser.add_argument("--runs", default=os.path.join("runs", "method_tables"))
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    rows, table = TABLES[args.table](args)
-    out = args.out or os.path.join(ROOT, "benchmarks", f"methods_{args.table}.json")
-    meta = {"table": args.table, "rounds": args.rounds, "machine": machine()}
-    write_rows(out, rows, meta)
-    print(f"{args.table} ({meta['machine']}; rows in {out}):\n{table}")
-    return 0
+    return run_table_command(
+        argv,
+        __doc__.split("\n\n")[0],
+        TABLES,
+        os.path.join("runs", "method_tables"),
+        os.path.join(ROOT, "benchmarks", "methods"),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
