@@ -178,10 +178,22 @@ def checkpoint_mount(tmp_path):
 
 
 def _frozen_readonly(ckpt_dir: Path) -> None:
-    if os.geteuid() == 0:
-        _remount(ckpt_dir, "ro")
-    else:
+    if os.geteuid() != 0:
         os.chmod(ckpt_dir, 0o555)
+        return
+    # The kernel refuses a read-only remount ("mount point is busy") while the run holds a file
+    # open for writing, i.e. in the middle of a save; saves are short, so try again until one
+    # lands between them.
+    deadline = time.monotonic() + 30
+    while True:
+        result = subprocess.run(
+            ["mount", "-o", "remount,ro", str(ckpt_dir)], capture_output=True, text=True
+        )
+        if result.returncode == 0:
+            return
+        if "busy" not in result.stderr or time.monotonic() > deadline:
+            raise AssertionError(f"could not remount {ckpt_dir} read-only: {result.stderr}")
+        time.sleep(0.005)
 
 
 @pytest.fixture
