@@ -16,6 +16,7 @@ from fedjax_llm.algorithms import (
     ServerState,
     build_algorithm,
     init_client_optimizer,
+    make_diloco,
     make_ditto,
     make_fedavg,
     make_fedper,
@@ -46,6 +47,7 @@ from fedjax_llm.contribution import (
     with_upload_record,
 )
 from fedjax_llm.data import ClientArrays
+from fedjax_llm.dpo import dpo_loss
 from fedjax_llm.objectives import Objective, next_token_loss, register_objective
 from fedjax_llm.pipeline import (
     AggregationPipeline,
@@ -132,6 +134,8 @@ __all__ = [
     "make_client_update",
     "make_fedavg",
     "make_fedprox",
+    "make_diloco",
+    "dpo_loss",
     "make_ditto",
     "make_fedper",
     "make_fedsa_lora",

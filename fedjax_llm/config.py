@@ -32,7 +32,7 @@ from fedjax_llm.models.llama import LlamaConfig
 
 TrainableMode = Literal["full", "lora", "soft_prompt", "prefix"]
 ClientOptimizerName = Literal["sgd", "momentum", "adamw"]
-ServerOptimizerName = Literal["sgd", "momentum", "adam", "yogi", "adagrad"]
+ServerOptimizerName = Literal["sgd", "momentum", "nesterov", "adam", "yogi", "adagrad"]
 ScheduleName = Literal["constant", "cosine", "linear", "warmup_cosine"]
 PartitionerName = Literal["iid", "dirichlet", "pathological", "quantity_skew", "natural"]
 DataSource = Literal["builtin", "file"]
@@ -275,8 +275,9 @@ class ClientConfig:
       grad_clip_norm: optional clipping of each local gradient by global norm.
       shuffle: shuffle each client's examples every round; false streams them in their stored
         order (to reproduce a loop that iterates client data in order).
-      objective: the training loss by name: ``next_token`` (language modelling) or one added
-        with `fedjax_llm.register_objective`.
+      objective: the training loss by name: ``next_token`` (language modelling), ``dpo``
+        (preference pairs, settings in the ``dpo`` section) or one added with
+        `fedjax_llm.register_objective`.
     """
 
     optimizer: ClientOptimizerName = "sgd"
@@ -298,10 +299,11 @@ class ServerConfig:
     """The server optimizer, applied to the pseudo-gradient ``-mean(delta)``.
 
     Attributes:
-      optimizer: ``sgd``, ``momentum``, ``adam``, ``yogi`` or ``adagrad``; None takes the
-        algorithm's own (``fedadam`` -> adam, ``fedavg`` -> sgd, ...).
-      lr: server learning rate (1.0 with sgd is plain FedAvg).
-      momentum: server momentum (FedAvgM) and b1 of adam/yogi.
+      optimizer: ``sgd``, ``momentum``, ``nesterov`` (Nesterov momentum, DiLoCo's outer
+        optimizer), ``adam``, ``yogi`` or ``adagrad``; None takes the algorithm's own
+        (``fedadam`` -> adam, ``fedavg`` -> sgd, ``diloco`` -> nesterov, ...).
+      lr: server learning rate (1.0 with sgd is plain FedAvg; DiLoCo uses 0.7).
+      momentum: server momentum (FedAvgM, nesterov) and b1 of adam/yogi.
       b2: second-moment decay of adam/yogi.
       eps: adaptivity of adam/yogi/adagrad, passed to optax as ``eps``. For adam and yogi it is
         the tau of Reddi et al. 2021 (added to the root of the second moment); optax's adagrad
@@ -326,7 +328,8 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
     """The federated algorithm, chosen by ``algorithm.type``; each type has its own settings.
 
     Types: ``fedavg``, ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad`` (FedAvg with that
-    server optimizer), ``fedprox`` (``mu``), ``scaffold``, ``fednova``; LoRA at a rank per
+    server optimizer), ``fedprox`` (``mu``), ``scaffold``, ``fednova``, ``diloco``
+    (``keep_inner_state``); LoRA at a rank per
     client: ``hetlora``, ``flexlora``, ``flora``, ``ffa_lora``; personalized: ``fedsa_lora``,
     ``fedper``, ``ditto``; or a type added with `fedjax_llm.register_algorithm`. In YAML:
     ``algorithm: {type: fedprox, mu: 0.01}``; on the command line: ``--algorithm.type fedprox
@@ -394,6 +397,23 @@ class FedProxConfig(AlgorithmConfig):
 class FedNovaConfig(AlgorithmConfig):
     """FedNova (Wang et al. 2020): normalized averaging for clients that take different
     numbers of local steps (compute tiers, deadlines, ``client.local_epochs``)."""
+
+
+@AlgorithmConfig.register_subclass("diloco")
+@dataclasses.dataclass(frozen=True)
+class DiLoCoConfig(AlgorithmConfig):
+    """DiLoCo (Douillard et al. 2023): many local AdamW steps per round, Nesterov momentum on
+    the pseudo-gradient as the outer optimizer (``server.lr: 0.7``, ``server.momentum: 0.9``
+    in their experiments; see configs/diloco_pretrain.yaml).
+
+    Attributes:
+      keep_inner_state: each client keeps its inner optimizer's state (AdamW's moments) from
+        one round it takes part in to the next, as DiLoCo's workers do; false starts it afresh
+        every round (FedAvg's convention). Kept, it costs one optimizer state per client in
+        the client store.
+    """
+
+    keep_inner_state: bool = True
 
 
 @AlgorithmConfig.register_subclass("hetlora")
@@ -759,6 +779,20 @@ class ContributionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Direct Preference Optimization (``client.objective: dpo``, `fedjax_llm.dpo`): the policy
+    is the base with what clients train, the reference the same base with it switched off.
+
+    Attributes:
+      beta: inverse temperature: how strongly the policy is held near the reference.
+      loss: ``sigmoid`` (Rafailov et al. 2023) or ``ipo`` (Azar et al. 2023).
+    """
+
+    beta: float = 0.1
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The round loop, output and checkpoints.
 
@@ -980,6 +1014,7 @@ FIELD_RANGES: dict[type, dict[str, Range]] = {
         "shapley_permutations": at_least(0, "0: no Shapley values"),
         "truncation": between(0, 1, high_open=True, note="0: no truncation"),
     },
+    DPOConfig: {"beta": positive()},
     RunConfig: {
         "num_rounds": positive(),
         "num_clients_per_round": positive(),
@@ -1241,6 +1276,7 @@ class ExperimentConfig:
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     system: SystemConfig = dataclasses.field(default_factory=SystemConfig)
     contribution: ContributionConfig = dataclasses.field(default_factory=ContributionConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
@@ -1353,6 +1389,13 @@ class ExperimentConfig:
             raise ConfigError(
                 f"client.objective={self.client.objective!r}; valid choices: {sorted(OBJECTIVES)} "
                 "(custom objectives: fedjax_llm.register_objective)."
+            )
+        if self.client.objective == "dpo" and self.trainable.mode == "full":
+            raise ConfigError(
+                "client.objective=dpo compares the policy with the frozen base (the adapter "
+                "switched off), which trainable.mode=full does not have; train lora, "
+                "soft_prompt or prefix on the model to align (a full-parameter base comes in "
+                "through trainable.base_run)."
             )
         from fedjax_llm.data import TASK_FAMILIES
 

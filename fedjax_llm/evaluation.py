@@ -417,11 +417,66 @@ def evaluate_arrays(
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def summarize_arrays(per_example: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
-    """The mean loss (``sum loss_sum / sum loss_weight``) and the other metrics' totals."""
+def summarize_arrays(
+    per_example: dict[str, np.ndarray], prefix: str, means: Sequence[str] = ()
+) -> dict[str, float]:
+    """The mean loss (``sum loss_sum / sum loss_weight``), the ``means`` metrics per unit of
+    loss weight (`Objective.means`) and the other metrics' totals."""
     weight = max(float(per_example[LOSS_WEIGHT].sum()), 1.0)
     out = {f"{prefix}/loss": float(per_example[LOSS_SUM].sum()) / weight}
     for name, value in per_example.items():
         if name not in (LOSS_SUM, LOSS_WEIGHT):
-            out[f"{prefix}/{name}"] = float(value.sum())
+            out[f"{prefix}/{name}"] = float(value.sum()) / (weight if name in means else 1.0)
     return out
+
+
+def array_client_results(
+    per_example: dict[str, np.ndarray],
+    client_count: np.ndarray,
+    means: Sequence[str] = (),
+    client_names: Sequence[str] | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Each client's held-out results for any objective, and their summary.
+
+    Args:
+      per_example: from `evaluate_arrays` on the per-client held-out examples, stored client
+        after client (``client_count[m]`` rows each).
+      client_count: ``[M]`` held-out examples per client (0 allowed).
+      means: the metrics reported per unit of loss weight (`Objective.means`).
+      client_names: optional name of each client.
+
+    Returns:
+      ``client/loss_mean`` and ``client/loss_worst10`` (the mean over the tenth of clients with
+      the highest loss) and ``client/<name>_mean`` for each of ``means``, over clients with
+      held-out examples; and one record per client (``client``, ``name``, ``num_examples``,
+      ``loss`` and each of ``means``; None for a client without held-out examples).
+    """
+    counts = np.asarray(client_count, np.int64)
+    ids = np.repeat(np.arange(counts.size), counts)
+
+    def per_client(values: np.ndarray) -> np.ndarray:
+        return np.bincount(ids, weights=np.asarray(values, np.float64), minlength=counts.size)
+
+    weight = np.maximum(per_client(per_example[LOSS_WEIGHT]), 1.0)
+    values = {"loss": per_client(per_example[LOSS_SUM]) / weight}
+    for name in means:
+        values[name] = per_client(per_example[name]) / weight
+    has = counts > 0
+    summary: dict[str, float] = {}
+    if has.any():
+        loss = values["loss"][has]
+        worst = max(1, int(math.ceil(0.1 * loss.size)))
+        summary["client/loss_mean"] = float(loss.mean())
+        summary["client/loss_worst10"] = float(np.sort(loss)[-worst:].mean())
+        for name in means:
+            summary[f"client/{name}_mean"] = float(values[name][has].mean())
+    records = []
+    for m in range(counts.size):
+        row: dict[str, Any] = {"client": m}
+        if client_names is not None:
+            row["name"] = str(client_names[m])
+        row["num_examples"] = int(counts[m])
+        for name, value in values.items():
+            row[name] = float(value[m]) if has[m] else None
+        records.append(row)
+    return summary, records

@@ -36,10 +36,14 @@ class Objective(NamedTuple):
         including ``loss_sum`` and ``loss_weight``.
       fields: the per-example fields ``loss`` reads; a run whose data lack one fails before
         compiling, naming it.
+      means: metrics reported as a mean per unit of ``loss_weight`` (per preference pair, say)
+        rather than as a total: training records and evaluations divide their sums by the
+        summed ``loss_weight``.
     """
 
     loss: Callable[[PyTree, PyTree, dict, jax.Array], tuple[jax.Array, dict]]
     fields: tuple[str, ...]
+    means: tuple[str, ...] = ()
 
 
 def next_token_loss(apply_fn: Callable, pad_id: int) -> Objective:
@@ -101,8 +105,16 @@ def per_example_metrics(
     return jax.vmap(one)(batch, keys)
 
 
+def _dpo(apply_fn: Callable, pad_id: int, config: Any) -> Objective:
+    from fedjax_llm.dpo import dpo_loss  # it builds on this module
+
+    del pad_id
+    return dpo_loss(apply_fn, config.dpo.beta, config.dpo.loss)
+
+
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "next_token": lambda apply_fn, pad_id, config: next_token_loss(apply_fn, pad_id),
+    "dpo": _dpo,
 }
 """Objectives by config name: ``name -> builder(apply_fn, pad_id, ExperimentConfig)``."""
 

@@ -102,7 +102,7 @@ def make_server_optimizer(config: ServerConfig, name: str) -> optax.GradientTran
 
     Args:
       config: the server config (``eps`` is the adaptivity tau of Reddi et al. 2021).
-      name: ``sgd``, ``momentum``, ``adam``, ``yogi`` or ``adagrad``.
+      name: ``sgd``, ``momentum``, ``nesterov``, ``adam``, ``yogi`` or ``adagrad``.
 
     Returns:
       The optax transformation, built with `optax.inject_hyperparams` so that each round's
@@ -111,6 +111,9 @@ def make_server_optimizer(config: ServerConfig, name: str) -> optax.GradientTran
     factories = {
         "sgd": lambda learning_rate: optax.sgd(learning_rate),
         "momentum": lambda learning_rate: optax.sgd(learning_rate, momentum=config.momentum),
+        "nesterov": lambda learning_rate: optax.sgd(
+            learning_rate, momentum=config.momentum, nesterov=True
+        ),
         "adam": lambda learning_rate: optax.adam(
             learning_rate, b1=config.momentum, b2=config.b2, eps=config.eps
         ),
@@ -123,6 +126,6 @@ def make_server_optimizer(config: ServerConfig, name: str) -> optax.GradientTran
     }
     if name not in factories:
         raise ConfigError(
-            f"server.optimizer={name!r}; valid choices: sgd, momentum, adam, yogi, adagrad."
+            f"server.optimizer={name!r}; valid choices: {sorted(factories)}."
         )
     return optax.inject_hyperparams(factories[name])(learning_rate=config.lr)

@@ -76,6 +76,7 @@ from fedjax_llm.errors import (
     interruption,
 )
 from fedjax_llm.evaluation import (
+    array_client_results,
     evaluate_arrays,
     evaluate_examples,
     evaluate_personalized,
@@ -92,7 +93,7 @@ from fedjax_llm.metrics import MetricsWriter, RoundProgress, read_jsonl, summary
 from fedjax_llm.models.hf_loader import ModelLoadError, load_pretrained
 from fedjax_llm.models.llama import LlamaConfig, count_params, init_params
 from fedjax_llm.models.trainable import Trainable, make_trainable
-from fedjax_llm.objectives import OBJECTIVES, Objective, check_fields
+from fedjax_llm.objectives import LOSS_WEIGHT, OBJECTIVES, Objective, check_fields
 from fedjax_llm.optimizers import client_learning_rate, server_learning_rate
 from fedjax_llm.pipeline import (
     AGGREGATORS,
@@ -915,10 +916,7 @@ class Simulation:
         bs = self.config.eval.batch_size
         params, frozen = self.params, self.frozen
         if isinstance(self.data, ClientArrays):
-            if self.data.eval is None:
-                return {}
-            per_example = evaluate_arrays(self.eval_step, frozen, params, self.data.eval, bs)
-            return summarize_arrays(per_example, "eval")
+            return self._evaluate_arrays(self.data, frozen, params, bs)
         per_example = evaluate_examples(
             self.eval_step, frozen, params, self.data.eval, self.tokenizer, bs
         )
@@ -942,6 +940,23 @@ class Simulation:
             )
             if self.personal_eval_step is not None:
                 out.update(self._evaluate_personal(test, bs))
+        return out
+
+    def _evaluate_arrays(self, data: ClientArrays, frozen: Any, params: Any, bs: int) -> dict:
+        """`evaluate` of data given as arrays: the objective's metrics on the global held-out
+        set and, with ``eval.per_client`` and per-client held-out sets, on each client's."""
+        means = self._scored_objective.means
+        out = {}
+        if data.eval is not None:
+            per_example = evaluate_arrays(self.eval_step, frozen, params, data.eval, bs)
+            out.update(summarize_arrays(per_example, "eval", means))
+        test = getattr(data, "client_test", None)
+        if self.config.eval.per_client and test is not None:
+            per_example = evaluate_arrays(self.eval_step, frozen, params, test.examples, bs)
+            summary, self.client_results = array_client_results(
+                per_example, test.client_count, means, data.stats.get("client_names")
+            )
+            out.update(summary)
         return out
 
     def _evaluate_personal(self, test: Any, batch_size: int) -> dict:
@@ -1475,6 +1490,10 @@ class Simulation:
         if "tokens" in out.metrics:
             record["tokens"] = float(out.metrics["tokens"])
             record["tokens_per_s"] = record["tokens"] / wall
+        for name in self.objective.means:
+            # Per unit of loss weight (per preference pair, say), over the round's clients.
+            weight = max(float(out.metrics[LOSS_WEIGHT]), 1.0)
+            record[f"train/{name}"] = float(out.metrics[name]) / weight
         for name, value in out.pipeline.items():
             record[f"pipeline/{name}"] = float(value)
         if self.privacy is not None:

@@ -69,7 +69,7 @@ def test_overrides_apply_to_nested_keys():
         (["--algorithm.type", "scaffold", "--client.optimizer", "adamw"], "plain SGD"),
         (["--aggregation.aggregator", "bulyan"], "krum.*mean.*median"),
         (["--aggregation.transforms", "[clip,zip]"], "zip"),
-        (["--client.objective", "dpo"], "next_token"),
+        (["--client.objective", "kto"], "next_token"),
         (["--client.lr", "0"], "client.lr=0.0 must be positive"),
         (["--client.lr", "-1"], "client.lr"),
         (["--trainable.mode", "lora", "--trainable.lora_rank", "0"], "trainable.lora_rank"),

@@ -17,6 +17,7 @@ from fedjax_llm.algorithms.base import (
     set_learning_rate,
     sgd_step,
 )
+from fedjax_llm.algorithms.diloco import make_diloco
 from fedjax_llm.algorithms.ditto import make_ditto
 from fedjax_llm.algorithms.fedavg import make_fedavg
 from fedjax_llm.algorithms.fednova import make_fednova
@@ -43,6 +44,7 @@ ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], str]] = {
     "fedadam": (lambda c, s, cfg: make_fedavg(c, s), "adam"),
     "fedyogi": (lambda c, s, cfg: make_fedavg(c, s), "yogi"),
     "fedadagrad": (lambda c, s, cfg: make_fedavg(c, s), "adagrad"),
+    "diloco": (lambda c, s, cfg: make_diloco(c, s, cfg.algorithm.keep_inner_state), "nesterov"),
     "fedprox": (lambda c, s, cfg: make_fedprox(c, s, cfg.algorithm.mu), "sgd"),
     "scaffold": (lambda c, s, cfg: make_scaffold(c, s), "sgd"),
     "fedsa_lora": (lambda c, s, cfg: make_fedsa_lora(c, s), "sgd"),
@@ -142,6 +144,7 @@ __all__ = [
     "ServerState",
     "build_algorithm",
     "init_client_optimizer",
+    "make_diloco",
     "make_ditto",
     "make_fedavg",
     "make_fednova",

@@ -217,4 +217,4 @@ def dp_sgd_objective(objective: Objective, clip_norm: float, noise_multiplier: f
     def loss(frozen, params, batch, key):
         return private_loss(params, frozen, batch, jax.random.key_data(key))
 
-    return Objective(loss, objective.fields)
+    return Objective(loss, objective.fields, objective.means)
