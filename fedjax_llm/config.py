@@ -36,7 +36,7 @@ ServerOptimizerName = Literal["sgd", "momentum", "nesterov", "adam", "yogi", "ad
 ScheduleName = Literal["constant", "cosine", "linear", "warmup_cosine"]
 PartitionerName = Literal["iid", "dirichlet", "pathological", "quantity_skew", "natural"]
 DataSource = Literal["builtin", "file"]
-DataFormat = Literal["auto", "alpaca", "dolly", "messages", "text"]
+DataFormat = Literal["auto", "alpaca", "dolly", "messages", "text", "preference"]
 LossOn = Literal["last", "all"]
 SampleBy = Literal["document", "paragraph", "line"]
 LoadDtype = Literal["float32", "bfloat16"]
@@ -147,8 +147,9 @@ class TrainableConfig:
       lora_targets: projections that get LoRA factors, from q, k, v, o, gate, up, down.
       num_virtual_tokens: length of the soft prompt or of each layer's prefix.
       prompt_init: ``vocab`` (copy random vocabulary embeddings) or ``random``.
-      base_run: optional run directory of an earlier ``full`` run whose final global
-        parameters become the frozen base (federated pre-training, then fine-tuning).
+      base_run: optional run directory of an earlier run whose final model becomes the frozen
+        base: a ``full`` run's parameters, or a ``lora`` run's base with its adapter merged in
+        (pre-training, then instruction tuning, then DPO; the model must be the same).
     """
 
     mode: TrainableMode = "full"
@@ -185,8 +186,9 @@ class DataConfig:
       path: a local JSON/JSONL/Parquet/CSV/text file, a folder or glob of them, or a hub
         dataset name (online only); ``source: file``.
       format: ``auto`` (detected from the columns), ``alpaca`` (instruction/input/output),
-        ``dolly`` (instruction/context/response/category), ``messages`` (chat) or ``text``
-        (pre-training).
+        ``dolly`` (instruction/context/response/category), ``messages`` (chat), ``text``
+        (pre-training) or ``preference`` (prompt/chosen/rejected pairs for
+        ``client.objective: dpo``, see `fedjax_llm.data.build_preference_data`).
       label_column: column whose values label examples (categories) for the dirichlet and
         pathological partitioners and per-category evaluation; null: one label.
       client_column: column whose values are the clients of the ``natural`` partitioner

@@ -125,7 +125,5 @@ def make_server_optimizer(config: ServerConfig, name: str) -> optax.GradientTran
         ),
     }
     if name not in factories:
-        raise ConfigError(
-            f"server.optimizer={name!r}; valid choices: {sorted(factories)}."
-        )
+        raise ConfigError(f"server.optimizer={name!r}; valid choices: {sorted(factories)}.")
     return optax.inject_hyperparams(factories[name])(learning_rate=config.lr)

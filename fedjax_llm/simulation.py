@@ -59,12 +59,15 @@ from fedjax_llm.contribution import (
 from fedjax_llm.data import (
     ByteTokenizer,
     ClientArrays,
+    LoadedDataset,
     PoisoningSpec,
     TaskData,
     Tokenizer,
     build_file_data,
+    build_preference_data,
     build_task_data,
     format_partition_stats,
+    load_records,
     load_tokenizer,
     save_partition_report,
 )
@@ -92,6 +95,7 @@ from fedjax_llm.evaluation import (
 from fedjax_llm.metrics import MetricsWriter, RoundProgress, read_jsonl, summary_table
 from fedjax_llm.models.hf_loader import ModelLoadError, load_pretrained
 from fedjax_llm.models.llama import LlamaConfig, count_params, init_params
+from fedjax_llm.models.lora import merge_lora
 from fedjax_llm.models.trainable import Trainable, make_trainable
 from fedjax_llm.objectives import LOSS_WEIGHT, OBJECTIVES, Objective, check_fields
 from fedjax_llm.optimizers import client_learning_rate, server_learning_rate
@@ -1519,7 +1523,8 @@ class Simulation:
         if not self.verbose:
             return
         c = self.config
-        if isinstance(self.data, TaskData):
+        # Data built from files (a TaskData, or preference pairs) reports its partition.
+        if isinstance(self.data, TaskData) or "examples_per_client" in self.data.stats:
             progress.log(format_partition_stats(self.data.stats))
         padding = self.slots - self.sampler.max_cohort
         progress.log(
@@ -1909,8 +1914,13 @@ def poisoning_spec(config: ExperimentConfig) -> PoisoningSpec | None:
 
 def build_data(
     d: DataConfig, tokenizer: Tokenizer, poisoning: PoisoningSpec | None = None
-) -> TaskData:
+) -> TaskData | ClientArrays:
     """The federated data of a run: the built-in tasks or a local file, partitioned.
+
+    Preference pairs (``data.format: preference``, or ``auto`` with prompt/chosen/rejected
+    columns) become a `ClientArrays` of chosen/rejected rows (`build_preference_data`);
+    everything else a `TaskData`. With ``auto`` the files are read once and their columns
+    choose the builder.
 
     Args:
       d: the data config.
@@ -1918,11 +1928,11 @@ def build_data(
       poisoning: the malicious clients' data poisoning, if any.
 
     Returns:
-      The `TaskData`.
+      The `TaskData`, or the `ClientArrays` of preference pairs.
 
     Raises:
       ConfigError: for data that cannot be used (missing columns, empty files, no clients left,
-        examples that do not fit); the message names the cause.
+        examples that do not fit, poisoning of preference pairs); the message names the cause.
     """
     try:
         if d.source == "builtin":
@@ -1939,8 +1949,39 @@ def build_data(
                 tokenizer=tokenizer,
                 poisoning=poisoning,
             )
+        # A pretrained tokenizer was loaded with the template already (see build_model).
+        chat_template = (
+            None
+            if getattr(tokenizer, "has_chat_template", False)
+            else _read_chat_template(d.chat_template)
+        )
+        path: Any = d.path
+        if d.format in ("auto", "preference"):
+            # Read once; the columns found choose the builder.
+            path = load_records(d.path, d.format, text_column=d.text_column, sample_by=d.sample_by)
+        if isinstance(path, LoadedDataset) and path.schema == "preference":
+            if poisoning is not None:
+                raise ConfigError(
+                    f"byzantine.attack={poisoning.kind} poisons instruction data; "
+                    f"{d.path!r} holds preference pairs, which it cannot poison yet."
+                )
+            return build_preference_data(
+                path,
+                tokenizer=tokenizer,
+                seq_len=d.seq_len,
+                num_clients=d.num_clients,
+                partitioner=d.partitioner,
+                partitioner_kwargs=d.partitioner_kwargs(),
+                label_column=d.label_column,
+                client_column=d.client_column,
+                test_fraction=d.test_fraction,
+                eval_fraction=d.eval_fraction,
+                max_examples=d.max_examples,
+                seed=d.seed,
+                chat_template=chat_template,
+            )
         return build_file_data(
-            d.path,
+            path,
             tokenizer=tokenizer,
             seq_len=d.seq_len,
             format=d.format,
@@ -1956,10 +1997,7 @@ def build_data(
             pack=d.pack,
             seed=d.seed,
             loss_on=d.loss_on,
-            # A pretrained tokenizer was loaded with the template already (see build_model).
-            chat_template=None
-            if getattr(tokenizer, "has_chat_template", False)
-            else _read_chat_template(d.chat_template),
+            chat_template=chat_template,
             sample_by=d.sample_by,
             poisoning=poisoning,
         )
@@ -2009,24 +2047,28 @@ def _global_params(raw: dict, like: PyTree, what: str, run_dir: str) -> PyTree:
 
 
 def load_base_params(run_dir: str, config: ExperimentConfig, like: PyTree) -> PyTree:
-    """Loads the final global params of an earlier ``full`` run as the frozen base.
+    """Loads the model an earlier run ended with as the frozen base: the final global params
+    of a ``full`` run, or a ``lora`` run's base with its final global adapter merged in (so
+    stages chain: pre-training, then instruction tuning, then alignment).
 
     Args:
       run_dir: the earlier run's directory.
-      config: the current config (its model must match the earlier run's).
+      config: the current config (its model and tokenizer must match the earlier run's).
       like: base params of the right structure.
 
     Returns:
       The base params.
 
     Raises:
-      ConfigError: if the run has no checkpoint, was not a ``full`` run, or used another model.
+      ConfigError: if the run has no checkpoint, trained a soft prompt or prefix (which no
+        weight can hold), or used another model or tokenizer.
     """
     raw, meta, _ = _restore_latest(run_dir, "trainable.base_run")
-    if meta.get("trainable_mode") != "full":
+    mode = meta.get("trainable_mode")
+    if mode not in ("full", "lora"):
         raise ConfigError(
-            f"trainable.base_run={run_dir!r} trained {meta.get('trainable_mode')!r}, not 'full'; "
-            "a base must come from a full-parameter run."
+            f"trainable.base_run={run_dir!r} trained {mode!r}; a base must come from a 'full' "
+            "run or a 'lora' run (whose adapter is merged into its base)."
         )
     saved = meta["config"]
     if saved.get("pretrained", {}).get("path") != config.pretrained.path:
@@ -2043,6 +2085,11 @@ def load_base_params(run_dir: str, config: ExperimentConfig, like: PyTree) -> Py
     ]
     if diffs:
         raise ConfigError(f"trainable.base_run={run_dir!r} used another model: {diffs}.")
+    if mode == "lora":
+        trained = load_trained(run_dir)
+        t = trained.config.trainable
+        merged = merge_lora(trained.frozen, trained.params, t.lora_alpha / t.lora_rank)
+        return jax.tree.map(lambda m, x: jnp.asarray(m, x.dtype), merged, like)
     return _global_params(raw, like, "trainable.base_run", run_dir)
 
 

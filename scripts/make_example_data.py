@@ -1,21 +1,28 @@
 """Writes small offline example datasets in the formats real data comes in.
 
   python scripts/make_example_data.py                  # -> data/example/
-  python scripts/make_example_data.py --out /tmp/ex --users 100 --examples 4000
+  python scripts/make_example_data.py --out /tmp/ex --users 100 --examples 4000 --pairs 2000
 
-Two datasets, so the real-data configs run on a machine without internet:
+Three datasets, so the real-data configs run on a machine without internet:
 
 - ``instructions.jsonl``: Dolly-schema records (instruction / context / response / category /
   user). The tasks are the built-in task families phrased as natural-language requests (add two
   numbers, reverse or sort letters, count a letter, look up a key, copy a word, find a maximum).
   Each user has their own mix of categories (Dirichlet with concentration ``--alpha``) and their
   own number of records (lognormal), so splitting by ``user`` is a natural non-IID split.
+- ``preferences.jsonl``: preference pairs for DPO (prompt / chosen / rejected / category /
+  user) from the same task families: the prompt is the request (and its context), ``chosen``
+  the correct answer and ``rejected`` a plausible wrong one (a sum or count off by one, the word
+  left unreversed or unsorted, another value of the table or the list). Users again have their
+  own category mix and size (drawn independently of the instruction file), so splitting by
+  ``user`` is a natural non-IID split; ``data.format: preference`` (or ``auto``) reads it.
 - ``texts/<module>.txt``: plain English text for pre-training, one file per Python standard
   library module (its documentation strings), so splitting by file gives clients that each write
   about their own topic.
 
 Replace them with your own files: `configs/smollm2_lora_instruct.yaml` and
-`configs/pretrain_text.yaml` read them through ``data.path``.
+`configs/pretrain_text.yaml` read them through ``data.path``. ``--pairs`` sets the number of
+preference pairs; the instruction and text files do not depend on it.
 """
 
 from __future__ import annotations
@@ -88,6 +95,64 @@ def write_instructions(path: str, num_users: int, num_examples: int, alpha: floa
     return np.bincount(user_of, minlength=num_users)
 
 
+def _other_letter(word: str) -> str:
+    """`word` with its last letter replaced by the next one of the alphabet (always differs)."""
+    return word[:-1] + chr((ord(word[-1]) - ord("a") + 1) % 26 + ord("a"))
+
+
+def _wrong_answer(family: str, prompt: str, answer: str, rng: np.random.Generator) -> str:
+    """A plausible wrong answer to a built-in task prompt (never equal to `answer`)."""
+    body = prompt.rstrip("=")
+    if family in ("add", "count"):
+        value = int(answer) + int(rng.choice([-1, 1]))
+        wrong = str(value if value >= 0 else int(answer) + 1)
+    elif family == "reverse":
+        wrong = body.removeprefix("rev ")  # left unreversed
+    elif family == "sort":
+        wrong = body.removeprefix("sort ")  # left unsorted
+    elif family == "copy":
+        wrong = answer[::-1]
+    elif family == "lookup":
+        table = body.rpartition(" ?")[0]
+        others = sorted({v for v in re.findall(r":(\d+)", table) if v != answer})
+        wrong = str(rng.choice(others)) if others else str(int(answer) + 1)
+    elif family == "max":
+        others = sorted({d for d in body.removeprefix("max ").split() if d != answer})
+        wrong = others[-1] if others else str(int(answer) - 1 if int(answer) > 0 else 1)
+    else:
+        raise ValueError(f"no wrong answer for task family {family!r}")
+    if wrong == answer:  # a palindrome, or letters already in order
+        wrong = _other_letter(answer)
+    return wrong
+
+
+def write_preferences(path: str, num_users: int, num_pairs: int, alpha: float, seed: int):
+    """Writes the preference-pair file; returns the number of pairs per user.
+
+    Its random stream is its own (seeded by `seed`), so the instruction file is the same with or
+    without it.
+    """
+    rng = np.random.default_rng([seed, 1])
+    preferences = rng.dirichlet(np.full(len(FAMILIES), alpha), size=num_users)
+    sizes = rng.lognormal(0.0, 0.8, num_users)
+    user_of = rng.choice(num_users, size=num_pairs, p=sizes / sizes.sum())
+    labels = np.array([rng.choice(len(FAMILIES), p=preferences[u]) for u in user_of], dtype=int)
+    examples = generate_examples_for_labels(list(FAMILIES), labels, rng)
+    with open(path, "w") as f:
+        for user, example in zip(user_of, examples, strict=True):
+            family = FAMILIES[example.label]
+            instruction, context = _instruction(family, example.prompt)
+            record = {
+                "prompt": f"{instruction}\n\n{context}" if context else instruction,
+                "chosen": example.response,
+                "rejected": _wrong_answer(family, example.prompt, example.response, rng),
+                "category": family,
+                "user": f"user{user:03d}",
+            }
+            f.write(json.dumps(record) + "\n")
+    return np.bincount(user_of, minlength=num_users)
+
+
 def module_text(name: str) -> str:
     """The documentation strings of a standard-library module and its public members."""
     module = importlib.import_module(name)
@@ -120,6 +185,7 @@ def _make(argv: list[str] | None, context: ScriptContext) -> int:
     parser.add_argument("--out", default="data/example")
     parser.add_argument("--users", type=int, default=40)
     parser.add_argument("--examples", type=int, default=2000)
+    parser.add_argument("--pairs", type=int, default=1000, help="preference pairs")
     parser.add_argument("--alpha", type=float, default=0.3, help="users' category concentration")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -129,6 +195,12 @@ def _make(argv: list[str] | None, context: ScriptContext) -> int:
     counts = write_instructions(path, args.users, args.examples, args.alpha, args.seed)
     print(
         f"{path}: {args.examples} records from {np.count_nonzero(counts)} users "
+        f"({counts.min()}-{counts.max()} each), categories {', '.join(FAMILIES)}"
+    )
+    path = os.path.join(args.out, "preferences.jsonl")
+    counts = write_preferences(path, args.users, args.pairs, args.alpha, args.seed)
+    print(
+        f"{path}: {args.pairs} preference pairs from {np.count_nonzero(counts)} users "
         f"({counts.min()}-{counts.max()} each), categories {', '.join(FAMILIES)}"
     )
     texts = write_texts(os.path.join(args.out, "texts"))

@@ -8,6 +8,7 @@ import re
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -220,11 +221,27 @@ def test_lora_on_a_federated_pretrained_base(make_config):
     )
     pretrained._prepare_run_dir()
     chex.assert_trees_all_equal(sim.frozen, pretrained.params)
-    with pytest.raises(ConfigError, match="not 'full'"):
-        lora_run = make_config(trainable={"mode": "lora"}, run={"num_rounds": 1})
-        Simulation(lora_run, verbose=False).run()
+
+    # The next stage: a LoRA run on the LoRA run, whose base is the pre-trained model with the
+    # adapter merged in, so the new stage starts from exactly what the last one ended with.
+    sim.run()
+    aligned = Simulation(
+        make_config(trainable={"mode": "lora", "base_run": finetune.run.output_dir}),
+        verbose=False,
+    )
+    tokens = jnp.asarray(sim.data.eval.tokens[:4])
+    adapted = sim.trainable.apply(sim.frozen, sim.params, tokens)
+    merged = aligned.trainable.apply(aligned.frozen, None, tokens, adapter=False)
+    assert float(jnp.abs(sim.params["q"]["b"]).max()) > 0  # the adapter was trained
+    np.testing.assert_allclose(merged, adapted, rtol=1e-4, atol=1e-4)
+    kernel = aligned.frozen["layers"]["attn"]["q_proj"]["kernel"]
+    assert float(jnp.abs(kernel - pretrained.params["layers"]["attn"]["q_proj"]["kernel"]).max())
+
+    with pytest.raises(ConfigError, match="'soft_prompt'; a base must come from"):
+        prompt_run = make_config(trainable={"mode": "soft_prompt"}, run={"num_rounds": 1})
+        Simulation(prompt_run, verbose=False).run()
         Simulation(
-            make_config(trainable={"mode": "lora", "base_run": lora_run.run.output_dir}),
+            make_config(trainable={"mode": "lora", "base_run": prompt_run.run.output_dir}),
             verbose=False,
         )
 

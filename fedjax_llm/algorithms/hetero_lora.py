@@ -69,6 +69,7 @@ from fedjax_llm.algorithms.base import (
     tree_sub,
 )
 from fedjax_llm.client_profiles import LORA_RANK
+from fedjax_llm.models.lora import merge_into_base
 from kernels.pytree import PyTree
 
 ERROR_PROBES = 64
@@ -498,33 +499,6 @@ class FLoRAServerState(NamedTuple):
 
     params: PyTree
     base: PyTree
-
-
-LORA_MODULES = {"q": "attn", "k": "attn", "v": "attn", "o": "attn"}
-"""The base-model module of each LoRA target (the others live in ``mlp``)."""
-
-
-def merge_into_base(base: PyTree, products: PyTree, scaling: float) -> PyTree:
-    """The base with ``scaling * product`` added to each adapted projection's kernel.
-
-    Args:
-      base: the Llama params (``layers/{attn,mlp}/{target}_proj/kernel`` stacked ``[L, ...]``).
-      products: ``{target: [L, d_in, d_out]}``.
-      scaling: the LoRA scaling alpha / R.
-
-    Returns:
-      The merged base (kernels keep their dtype).
-    """
-    layers = dict(base["layers"])
-    for target, product in products.items():
-        module = LORA_MODULES.get(target, "mlp")
-        block = dict(layers[module])
-        proj = dict(block[f"{target}_proj"])
-        kernel = proj["kernel"]
-        proj["kernel"] = (kernel.astype(jnp.float32) + scaling * product).astype(kernel.dtype)
-        block[f"{target}_proj"] = proj
-        layers[module] = block
-    return {**base, "layers": layers}
 
 
 def fresh_adapter(params: PyTree, key: jax.Array) -> PyTree:

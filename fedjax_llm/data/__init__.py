@@ -1,5 +1,5 @@
-"""Data: tokenization, built-in offline tasks, real datasets from files, partitioners, data
-poisoning and federated datasets (host numpy)."""
+"""Data: tokenization, built-in offline tasks, real datasets from files (instructions, text and
+preference pairs), partitioners, data poisoning and federated datasets (host numpy)."""
 
 from fedjax_llm.data.client_arrays import ClientArrays
 from fedjax_llm.data.federated_dataset import (
@@ -53,6 +53,7 @@ from fedjax_llm.data.poisoning import (
     poison_records,
     select_poisoned,
 )
+from fedjax_llm.data.preference_data import build_preference_data
 from fedjax_llm.data.tasks import (
     DEFAULT_FAMILIES,
     TASK_FAMILIES,
@@ -90,6 +91,7 @@ __all__ = [
     "Tokenizer",
     "backdoor_records",
     "build_file_data",
+    "build_preference_data",
     "build_task_data",
     "check_poisoning",
     "client_label_counts",

@@ -4,6 +4,9 @@ For research code that already has its clients' data (token ids from its own tok
 features and targets, preference pairs): no tokenizer, no partitioner, no held-out split is
 needed. Each client is a dict of per-example arrays with the same fields; they are stored
 contiguously, one row range per client, as the compiled round reads them.
+
+Builders of non-token data from files return it too (`build_preference_data`: chosen/rejected
+rows), with per-client held-out examples (`client_test`) and what the build did (`info`).
 """
 
 from __future__ import annotations
@@ -24,12 +27,34 @@ class ClientArrays:
       client_start: ``[M]`` int64 offset of each client's first example.
       client_count: ``[M]`` int64 number of examples of each client (>= 1).
       eval: optional ``{field: [E, ...]}`` global held-out set (same fields).
+      client_test: optional per-client held-out examples: a `ClientArrays` with the same
+        fields and one client per client here, in the same order (built from files, e.g. by
+        `fedjax_llm.data.build_preference_data`).
+      info: optional JSON-serializable facts about how the data was built (source, partition
+        statistics, ...), merged into `stats`.
     """
 
     examples: dict[str, np.ndarray]
     client_start: np.ndarray
     client_count: np.ndarray
     eval: dict[str, np.ndarray] | None = None
+    client_test: ClientArrays | None = None
+    info: dict | None = None
+
+    def __post_init__(self) -> None:
+        test = self.client_test
+        if test is None:
+            return
+        if test.num_clients != self.num_clients:
+            raise ValueError(
+                f"client arrays: client_test has {test.num_clients} clients, the training data "
+                f"{self.num_clients}; it needs one per training client, in the same order."
+            )
+        if sorted(test.examples) != sorted(self.examples):
+            raise ValueError(
+                f"client arrays: client_test has fields {sorted(test.examples)}, the training "
+                f"data {sorted(self.examples)}."
+            )
 
     @property
     def num_clients(self) -> int:
@@ -38,8 +63,8 @@ class ClientArrays:
 
     @property
     def stats(self) -> dict:
-        """Partition statistics of the run directory's ``partition.json``."""
-        return {
+        """Partition statistics of the run directory's ``partition.json`` (with `info`)."""
+        base = {
             "source": "arrays",
             "num_clients": self.num_clients,
             "num_train": int(self.client_count.sum()),
@@ -51,6 +76,9 @@ class ClientArrays:
             "fields": sorted(self.examples),
             "num_eval": 0 if self.eval is None else len(next(iter(self.eval.values()))),
         }
+        if self.client_test is not None:
+            base["num_client_test"] = int(self.client_test.client_count.sum())
+        return {**base, **(self.info or {})}
 
     @classmethod
     def from_clients(

@@ -20,6 +20,8 @@ built-in tasks. The steps, each with its own random stream derived from `seed`:
 Labels are the values of `label_column` (sorted; `"all"` when it is None), so evaluation reports
 loss and perplexity per category. For plain text, exact match means nothing (`responses` are
 empty); `stats["exact_match_meaningful"]` says so.
+
+Steps 1, 2 and 4 are `fedjax_llm.data.record_split`, which `build_preference_data` shares.
 """
 
 from __future__ import annotations
@@ -34,12 +36,9 @@ from fedjax_llm.config import ConfigError
 from fedjax_llm.data.federated_dataset import (
     TaskData,
     TokenizedExamples,
-    _derive_seed,
     _replace_rows,
-    _split_train_test,
     _training_owner,
     make_federated_dataset,
-    partitioner_arguments,
 )
 from fedjax_llm.data.formatting import (
     LOSS_ON,
@@ -49,42 +48,21 @@ from fedjax_llm.data.formatting import (
     tokenize_documents,
 )
 from fedjax_llm.data.loaders import FILE_COLUMN, FORMATS, LoadedDataset, load_records
-from fedjax_llm.data.partitioners import PARTITIONERS, natural_clients, partition, partition_stats
+from fedjax_llm.data.partitioners import partition_stats
 from fedjax_llm.data.poisoning import (
     PoisoningSpec,
     backdoor_records,
     check_poisoning,
     poison_records,
 )
+from fedjax_llm.data.record_split import (
+    _check_split_arguments,
+    _partition_rows,
+    _split_records,
+)
 from fedjax_llm.data.tokenizer import Tokenizer
 
 __all__ = ["build_file_data"]
-
-_MISSING = "(missing)"  # label / client value of a record without one
-
-
-def _column_values(loaded: LoadedDataset, column: str, role: str) -> list[str]:
-    """A column's values as strings (None -> `(missing)`), with a clear error when absent."""
-    if column not in loaded.column_names:
-        raise ValueError(
-            f"{role}={column!r} is not a column of {loaded.source!r}; its columns are "
-            f"{sorted(loaded.column_names)} ({FILE_COLUMN!r} is the source file of each record)."
-        )
-    return [_MISSING if v is None else str(v) for v in loaded.column(column)]
-
-
-def _codes(values: Sequence[str]) -> tuple[np.ndarray, list[str]]:
-    """Integer code per value and the sorted distinct values."""
-    names, codes = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
-    return codes.reshape(-1).astype(np.int64), [str(x) for x in names]
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
-        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}.")
-    if not 0 < value < 1:
-        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}.")
-    return float(value)
 
 
 def _format(
@@ -204,7 +182,7 @@ def _poison_file_pool(
 
 
 def build_file_data(
-    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | LoadedDataset,
     *,
     tokenizer: Tokenizer,
     seq_len: int,
@@ -231,7 +209,9 @@ def build_file_data(
     """Builds federated task data from local files (or a hub dataset when online).
 
     Args:
-        path: A file, folder, glob, list of them, or hub dataset name (see `load_records`).
+        path: A file, folder, glob, list of them, or hub dataset name (see `load_records`),
+            or records already loaded with `load_records` (then `format`, `text_column`,
+            `sample_by`, `split` and `cache_dir` are not used for loading).
         tokenizer: An `HFTokenizer` (instructions need a chat template, see `chat_template`) or
             any `Tokenizer`.
         seq_len: Row length T.
@@ -288,60 +268,54 @@ def build_file_data(
         FileNotFoundError: If `path` does not exist (see `load_records`).
         ValueError: If an argument is invalid (the message names it and the valid values), a
             column is missing (it lists the columns found), the data is empty or all of it is
-            dropped, the tokenizer cannot format instructions, or the partitioner cannot make
-            the clients asked for.
+            dropped, the records are preference pairs (see `build_preference_data`), the
+            tokenizer cannot format instructions, or the partitioner cannot make the clients
+            asked for.
         ConfigError: If `poisoning` is invalid (e.g. not one flag per client), the data is plain
             text (nothing to poison), or no triggered eval example fits `seq_len`.
     """
     if format not in FORMATS:
         raise ValueError(
             f"format: unknown value {format!r}; valid values are {list(FORMATS)} (preference "
-            "pairs: load_preference_pairs)."
-        )
-    if partitioner not in PARTITIONERS:
-        raise ValueError(
-            f"partitioner: unknown name {partitioner!r}; valid names are {sorted(PARTITIONERS)}."
-        )
-    if partitioner != "natural" and num_clients is None:
-        raise ValueError(
-            f"num_clients is required by partitioner {partitioner!r}; only 'natural' derives the "
-            "clients from the data (num_clients=None)."
-        )
-    if partitioner == "natural" and client_column is None:
-        raise ValueError(
-            "partitioner 'natural' needs client_column: the column whose values are the clients "
-            f"(e.g. 'user', 'source', or {FILE_COLUMN!r} for one client per file)."
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-    if max_examples is not None and (
-        isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 3
-    ):
-        raise ValueError(
-            f"max_examples must be None or an integer >= 3 (eval, train and test need one "
-            f"each), got {max_examples!r}."
+            "pairs: build_preference_data, or load_preference_pairs)."
         )
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on: unknown value {loss_on!r}; valid values are {list(LOSS_ON)}.")
-    test_fraction = _check_fraction("test_fraction", test_fraction)
-    eval_fraction = _check_fraction("eval_fraction", eval_fraction)
-    kwargs = partitioner_arguments(partitioner_kwargs)
+    test_fraction, eval_fraction, kwargs = _check_split_arguments(
+        partitioner=partitioner,
+        num_clients=num_clients,
+        client_column=client_column,
+        seed=seed,
+        max_examples=max_examples,
+        test_fraction=test_fraction,
+        eval_fraction=eval_fraction,
+        partitioner_kwargs=partitioner_kwargs,
+    )
     if poisoning is not None:
         poisoning = check_poisoning(poisoning)
 
-    loaded = load_records(
-        path,
-        format,
-        text_column=text_column,
-        sample_by=sample_by,
-        split=split,
-        cache_dir=cache_dir,
-    )
+    if isinstance(path, LoadedDataset):
+        loaded = path
+        if format != "auto" and format != loaded.schema:
+            raise ValueError(
+                f"format={format!r}, but the records given were loaded as {loaded.schema!r}; "
+                "load them with that format or pass format='auto'."
+            )
+    else:
+        loaded = load_records(
+            path,
+            format,
+            text_column=text_column,
+            sample_by=sample_by,
+            split=split,
+            cache_dir=cache_dir,
+        )
     if loaded.schema == "preference":
         raise ValueError(
             f"{loaded.source!r} holds preference pairs (prompt/chosen/rejected), which "
-            "build_file_data cannot train on yet; load them with load_preference_pairs, or pass "
-            "format= to read other columns."
+            "build_file_data does not train on; build them with build_preference_data "
+            "(data.format=preference), load them with load_preference_pairs, or pass format= to "
+            "read other columns."
         )
     if poisoning is not None:
         if loaded.schema == "text":
@@ -349,38 +323,17 @@ def build_file_data(
                 f"byzantine.attack={poisoning.kind} needs instruction data (prompt and response); "
                 f"data.format=text has none ({loaded.source!r} was read as plain text)."
             )
-    # Check the columns before any slow work.
-    label_values = _column_values(loaded, label_column, "label_column") if label_column else None
-    client_values = (
-        _column_values(loaded, client_column, "client_column") if partitioner == "natural" else None
+    records = _split_records(
+        loaded,
+        partitioner=partitioner,
+        label_column=label_column,
+        client_column=client_column,
+        max_examples=max_examples,
+        eval_fraction=eval_fraction,
+        seed=seed,
     )
-
-    num_records = len(loaded)
-    record_ids = np.arange(num_records)
-    if max_examples is not None and max_examples < num_records:
-        pick = np.random.default_rng(_derive_seed(seed, 10)).permutation(num_records)
-        record_ids = np.sort(pick[:max_examples])
-    if record_ids.size < 3:
-        raise ValueError(
-            f"{loaded.source!r} has {record_ids.size} records; eval, train and test need at "
-            "least one each."
-        )
-
-    if label_values is not None:
-        labels, label_names = _codes([label_values[i] for i in record_ids.tolist()])
-    else:
-        labels, label_names = np.zeros(record_ids.size, dtype=np.int64), ["all"]
-    if client_values is not None:
-        groups, group_names = _codes([client_values[i] for i in record_ids.tolist()])
-    else:
-        groups, group_names = np.zeros(record_ids.size, dtype=np.int64), []
-
-    # Global eval set at the record level, before partitioning.
-    num_eval = int(min(max(1, round(eval_fraction * record_ids.size)), record_ids.size - 2))
-    eval_pick = np.random.default_rng(_derive_seed(seed, 11)).permutation(record_ids.size)
-    is_eval = np.zeros(record_ids.size, dtype=bool)
-    is_eval[eval_pick[:num_eval]] = True
-    pool_pos, eval_pos = np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
+    record_ids, labels, label_names = records.record_ids, records.labels, records.label_names
+    groups, pool_pos, eval_pos = records.groups, records.pool_pos, records.eval_pos
 
     def fmt(pos: np.ndarray, what: str) -> tuple[TokenizedExamples, FormatReport]:
         try:
@@ -405,23 +358,17 @@ def build_file_data(
     eval_set, eval_report = fmt(eval_pos, f"the global eval set ({eval_pos.size} records)")
     row_pos = pool_pos[pool_report.row_records]  # position in record_ids of each pool row
 
-    dropped_names: list[str] = []
-    dropped_examples = 0
-    client_names: list[str] | None = None
-    part_seed = _derive_seed(seed, 1)
-    if partitioner == "natural":
-        nat = natural_clients(
-            groups[row_pos], num_clients, part_seed, min_examples=kwargs["min_examples"]
-        )
-        assignment = nat.assignment
-        client_names = [group_names[g] for g in nat.groups.tolist()]
-        dropped_names = [group_names[g] for g in nat.dropped_groups.tolist()]
-        dropped_examples = nat.num_dropped_examples
-        unselected = int(nat.unselected_groups.size)
-    else:
-        assignment = partition(partitioner, pool.labels, int(num_clients), part_seed, **kwargs)
-        unselected = 0
-    train_assign, test_assign = _split_train_test(assignment, test_fraction, _derive_seed(seed, 2))
+    part = _partition_rows(
+        groups[row_pos],
+        pool.labels,
+        records.group_names,
+        partitioner=partitioner,
+        num_clients=num_clients,
+        kwargs=kwargs,
+        test_fraction=test_fraction,
+        seed=seed,
+    )
+    assignment, train_assign, test_assign = part.assignment, part.train_assign, part.test_assign
     train_pool, backdoor_eval = pool, None
     if poisoning is not None:
         if poisoning.malicious.size != len(train_assign):
@@ -482,12 +429,12 @@ def build_file_data(
         dropped_empty=sum(r.dropped_empty + r.dropped_no_response for r in reports),
         truncated=sum(r.num_truncated for r in reports),
         dropped_clients={
-            "count": len(dropped_names),
-            "examples": int(dropped_examples),
-            "names": dropped_names[:100],
+            "count": len(part.dropped_names),
+            "examples": part.dropped_examples,
+            "names": part.dropped_names[:100],
         },
-        unselected_clients=unselected,
-        client_names=client_names,
+        unselected_clients=part.unselected,
+        client_names=part.client_names,
         client_num_train=train.client_count.tolist(),
         client_num_test=client_test.client_count.tolist(),
         partitioner=partitioner,

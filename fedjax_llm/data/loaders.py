@@ -688,7 +688,12 @@ def load_preference_pairs(
             the record, its file and the column).
     """
     loaded = load_records(path, "preference", split=split, cache_dir=cache_dir)
+    _check_preference_pairs(loaded)
+    return loaded
+
+
+def _check_preference_pairs(loaded: LoadedDataset) -> None:
+    """Checks every prompt, chosen and rejected value (see `_check_preference_value`)."""
     for column in SCHEMA_COLUMNS["preference"][0]:
         for i, value in enumerate(loaded.column(column)):
             _check_preference_value(value, column, lambda i=i: loaded.describe(i))
-    return loaded

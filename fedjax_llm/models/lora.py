@@ -80,3 +80,49 @@ def init_lora(
         b = jnp.zeros((config.num_layers, rank, d_out), jnp.float32)
         lora[target] = {"a": a, "b": b}
     return lora
+
+
+LORA_MODULES = {"q": "attn", "k": "attn", "v": "attn", "o": "attn"}
+"""The base-model module of each LoRA target (the others live in ``mlp``)."""
+
+
+def merge_into_base(base: dict, products: dict, scaling: float) -> dict:
+    """The base with ``scaling * product`` added to each adapted projection's kernel.
+
+    Args:
+      base: the Llama params (``layers/{attn,mlp}/{target}_proj/kernel`` stacked ``[L, ...]``).
+      products: ``{target: [L, d_in, d_out]}``.
+      scaling: the LoRA scaling alpha / R.
+
+    Returns:
+      The merged base (kernels keep their dtype).
+    """
+    layers = dict(base["layers"])
+    for target, product in products.items():
+        module = LORA_MODULES.get(target, "mlp")
+        block = dict(layers[module])
+        proj = dict(block[f"{target}_proj"])
+        kernel = proj["kernel"]
+        proj["kernel"] = (kernel.astype(jnp.float32) + scaling * product).astype(kernel.dtype)
+        block[f"{target}_proj"] = proj
+        layers[module] = block
+    return {**base, "layers": layers}
+
+
+def merge_lora(base: dict, lora: dict, scaling: float) -> dict:
+    """The base with a LoRA adapter merged in: ``W + scaling * A @ B`` for each target.
+
+    Args:
+      base: the Llama params.
+      lora: ``{target: {'a': [L, d_in, r], 'b': [L, r, d_out]}}`` (`init_lora`'s layout).
+      scaling: the adapter's alpha / rank.
+
+    Returns:
+      The merged params; the model with them computes what the base with the adapter does (up
+      to float rounding), with no adapter.
+    """
+    products = {
+        target: jnp.einsum("lir,lro->lio", f["a"].astype(jnp.float32), f["b"].astype(jnp.float32))
+        for target, f in lora.items()
+    }
+    return merge_into_base(base, products, scaling)
