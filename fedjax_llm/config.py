@@ -200,8 +200,9 @@ class DataConfig:
       sample_by: a record of a .txt file is the whole ``document``, a ``paragraph`` or a
         ``line``. Held-out evaluation records are whole records.
       loss_on: ``last`` trains on the last assistant turn of a chat, ``all`` on every one.
-      chat_template: a Jinja chat template (text, or a path to a file holding it) for
-        tokenizers without one.
+      chat_template: a Jinja chat template (text, a path to a file holding it, or ``chatml``
+        for the built-in ChatML template) for tokenizers without one, such as the byte-level
+        tokenizer of a model pre-trained here.
       task_families: families of prompt/response tasks (see `fedjax_llm.data.TASK_FAMILIES`).
       num_clients: total client population (``builtin``); with ``natural``, the number of
         natural clients kept (a seeded subset), null for all of them.

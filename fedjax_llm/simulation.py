@@ -57,6 +57,7 @@ from fedjax_llm.contribution import (
     write_contribution_totals,
 )
 from fedjax_llm.data import (
+    CHATML_TEMPLATE,
     ByteTokenizer,
     ClientArrays,
     LoadedDataset,
@@ -1889,7 +1890,10 @@ def build_trainable(config: ExperimentConfig, model_config: LlamaConfig) -> Trai
 
 
 def _read_chat_template(value: str | None) -> str | None:
-    # A template is either given inline or as the path of a file holding it.
+    # A template is ``chatml`` (the built-in ChatML template), given inline, or the path of a
+    # file holding it.
+    if value == "chatml":
+        return CHATML_TEMPLATE
     if value is not None and os.path.isfile(value):
         with open(value) as f:
             return f.read()

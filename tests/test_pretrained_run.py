@@ -255,7 +255,7 @@ def example_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "name", ["smollm2_lora_instruct", "smollm2_prompt_tuning", "pretrain_text"]
+    "name", ["smollm2_lora_instruct", "smollm2_prompt_tuning", "pretrain_text", "diloco_pretrain"]
 )
 def test_shipped_real_data_configs_run(name, example_data, model_dir, tmp_path):
     from fedjax_llm.config import load_config
@@ -271,7 +271,7 @@ def test_shipped_real_data_configs_run(name, example_data, model_dir, tmp_path):
         "--eval.max_new_tokens",
         "2",
     ]
-    if name == "pretrain_text":
+    if name in ("pretrain_text", "diloco_pretrain"):
         shrink += [
             "--data.path",
             str(example_data / "texts"),
