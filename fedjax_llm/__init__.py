@@ -63,6 +63,12 @@ from fedjax_llm.pipeline import (
     register_transform,
     weighted_mean,
 )
+from fedjax_llm.public_training import (
+    PublicTrainingState,
+    make_public_steps,
+    make_public_warm_start,
+    with_public_steps,
+)
 from fedjax_llm.round import (
     ClientData,
     LocalSchedule,
@@ -155,6 +161,10 @@ __all__ = [
     "sign_compressor",
     "topk_compressor",
     "with_downlink_compression",
+    "PublicTrainingState",
+    "make_public_steps",
+    "make_public_warm_start",
+    "with_public_steps",
     "ContributionScores",
     "UploadRecord",
     "make_contribution_scorer",

@@ -350,8 +350,11 @@ def downlink_bytes(server_state: PyTree, broadcast_like: PyTree) -> int | None:
 
     Returns:
       The compressed change's bytes plus the dense bytes of the rest of the broadcast, or None
-      if ``server_state`` is not a `DownlinkState`.
+      if ``server_state`` is not a `DownlinkState` (nor wraps one as its ``inner``, as the
+      server state of `fedjax_llm.public_training.with_public_steps` does).
     """
+    while not isinstance(server_state, DownlinkState) and hasattr(server_state, "inner"):
+        server_state = server_state.inner
     if not isinstance(server_state, DownlinkState):
         return None
 

@@ -258,6 +258,50 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PublicDataConfig:
+    """Public data on the server, beside the clients' private data (`fedjax_llm.public_training`):
+    federated pre-training on both.
+
+    The server's text is read like ``data.source: file`` with ``format: text`` and packed into
+    rows of ``data.seq_len`` tokens; ``eval_fraction`` of its records are held out, and every
+    evaluation reports ``eval/public/loss`` and ``eval/public/perplexity`` on them (the subset
+    and the split are seeded by ``data.seed``). The server trains on the rest with its own
+    optimizer: ``warm_start_steps`` steps before round 1, and ``server_steps`` steps in every
+    round after the aggregated update of the clients (any algorithm; with ``trainable.mode:
+    lora`` the steps train the global LoRA params). With both at 0 (the default) nothing is
+    trained on it, and a path alone only adds the public evaluation.
+
+    Attributes:
+      path: a local text file, folder or glob of them (``.txt``; JSON/JSONL/Parquet/CSV records
+        with ``text_column``); null: no public data.
+      sample_by: a record of a .txt file is the whole ``document``, a ``paragraph`` or a
+        ``line`` (held-out records are whole records).
+      text_column: the text column of JSON/JSONL/Parquet/CSV public files.
+      eval_fraction: share of the public records held out for the public perplexity.
+      warm_start_steps: server optimizer steps on public data before round 1 (not repeated when
+        a run resumes); needs ``path``.
+      server_steps: server optimizer steps on public data in every round, after the aggregated
+        update; needs ``path``.
+      batch_size: public rows per server step.
+      lr: learning rate of the server's public steps.
+      optimizer: ``adamw`` (b1 0.9, no weight decay), ``sgd`` or ``momentum`` (0.9) for the
+        public steps; its state is kept across rounds (and in checkpoints).
+      max_examples: keep a seeded random subset of this many public records; null: all.
+    """
+
+    path: str | None = None
+    sample_by: SampleBy = "paragraph"
+    text_column: str = "text"
+    eval_fraction: float = 0.1
+    warm_start_steps: int = 0
+    server_steps: int = 0
+    batch_size: int = 8
+    lr: float = 0.003
+    optimizer: ClientOptimizerName = "adamw"
+    max_examples: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ClientConfig:
     """Local training on each client.
 
@@ -944,6 +988,14 @@ FIELD_RANGES: dict[type, dict[str, Range]] = {
         "eval_examples_per_family": positive(),
         "seed": at_least(0),
     },
+    PublicDataConfig: {
+        "eval_fraction": between(0, 1, low_open=True, high_open=True),
+        "warm_start_steps": at_least(0, "0: no warm start"),
+        "server_steps": at_least(0, "0: no public steps in the rounds"),
+        "batch_size": positive(),
+        "lr": positive(),
+        "max_examples": at_least(2, "null: every record"),
+    },
     ClientConfig: {
         "lr": positive(),
         "momentum": between(0, 1, high_open=True),
@@ -1267,6 +1319,7 @@ class ExperimentConfig:
     pretrained: PretrainedConfig = dataclasses.field(default_factory=PretrainedConfig)
     trainable: TrainableConfig = dataclasses.field(default_factory=TrainableConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    public: PublicDataConfig = dataclasses.field(default_factory=PublicDataConfig)
     client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=FedAvgConfig)
@@ -1335,6 +1388,7 @@ class ExperimentConfig:
                 + (f" plus privacy.audit_canaries={canaries}" if canaries else "")
                 + ": sample at most as many clients as exist, or raise data.num_clients."
             )
+        self._validate_public()
         self._validate_sampling_and_aggregation()
         self._validate_distributed()
         self._validate_system()
@@ -1408,6 +1462,18 @@ class ExperimentConfig:
                 f"data.task_families: unknown {bad}; valid choices are {sorted(TASK_FAMILIES)}."
             )
         return self
+
+    def _validate_public(self) -> None:
+        p = self.public
+        for name in ("server_steps", "warm_start_steps"):
+            steps = getattr(p, name)
+            if steps and not p.path:
+                raise _FieldError(
+                    f"public.{name}",
+                    f"public.{name}={steps} trains the server on public data, which needs "
+                    "public.path (a local text file, folder or glob); set public.path or "
+                    f"public.{name}=0.",
+                )
 
     def _validate_personalization(self) -> None:
         # The personal part must name parameters the trainable has; what only the loaded model

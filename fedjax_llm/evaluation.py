@@ -253,6 +253,21 @@ def per_client_results(
     return results
 
 
+PUBLIC_PREFIX = "eval/public/"
+"""Prefix of the evaluation on the server's held-out public data (`fedjax_llm.public_training`):
+``eval/public/loss`` and ``eval/public/perplexity`` beside the private ``eval/...`` and
+``client/...`` metrics."""
+
+
+def summarize_public(per_example: dict[str, np.ndarray], examples: TokenizedExamples) -> dict:
+    """`summarize_global` of the held-out public examples, its keys under `PUBLIC_PREFIX`
+    (``eval/public/loss``, ``eval/public/perplexity``)."""
+    return {
+        PUBLIC_PREFIX + key.removeprefix("eval/"): value
+        for key, value in summarize_global(per_example, examples).items()
+    }
+
+
 PERSONAL_PREFIX = "client/personal/"
 """Prefix of the personalized evaluation's metrics: ``client/personal/loss_mean`` beside the
 global model's ``client/loss_mean`` (`summarize_clients`), on the same held-out examples."""

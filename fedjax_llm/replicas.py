@@ -123,12 +123,13 @@ class ReplicaGroup:
         self.round_times: list[float] = []
 
     # ------------------------------------------------------------------ compiled program
-    def _in_axes(self) -> tuple:
-        return (None if self.shared_frozen else 0, 0, None, 0, 0, 0)
+    def _in_axes(self, num_inputs: int = 6) -> tuple:
+        # A 7th input, the server's public examples, is shared like the data.
+        return (None if self.shared_frozen else 0, 0, None, 0, 0, 0, None)[:num_inputs]
 
     def _stack(self, per_replica: Sequence[tuple]) -> tuple:
         out = []
-        for position, axis in enumerate(self._in_axes()):
+        for position, axis in enumerate(self._in_axes(len(per_replica[0]))):
             values = [inputs[position] for inputs in per_replica]
             if axis is None:
                 out.append(values[0])
@@ -138,7 +139,9 @@ class ReplicaGroup:
 
     def _compile(self, inputs: tuple) -> None:
         sim = self.sims[0]
-        fn = jax.jit(jax.vmap(sim.round_body, in_axes=self._in_axes()), donate_argnums=(1,))
+        fn = jax.jit(
+            jax.vmap(sim.round_body, in_axes=self._in_axes(len(inputs))), donate_argnums=(1,)
+        )
         stacked = self._stack([inputs] * len(self.sims))
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), stacked)
         t0 = time.perf_counter()
@@ -195,13 +198,15 @@ class ReplicaGroup:
                     per_replica.append(self._arrived[index][1])
                 else:
                     # A departed replica: its last state and an empty cohort (chunks skipped).
-                    frozen, _, data, cohort, key, hparams = first
+                    frozen, _, data, cohort, key, hparams, *server_data = first
                     empty = jax.tree.map(jnp.asarray, cohort)
                     empty = empty._replace(
                         participating=jnp.zeros_like(empty.participating),
                         delivered=jnp.zeros_like(empty.delivered),
                     )
-                    per_replica.append((sim.frozen, sim.state, data, empty, key, hparams))
+                    per_replica.append(
+                        (sim.frozen, sim.state, data, empty, key, hparams, *server_data)
+                    )
             if self._compiled is None:
                 self._compile(first)
             stacked = self._stack(per_replica)

@@ -564,10 +564,12 @@ def make_round_fn(
         them updated where the upload was delivered, for the caller to write back.
 
     Returns:
-      ``round_fn(frozen, state, data, cohort, round_key, hparams) -> (state, RoundOutput)``,
-      pure and ready for `jax.jit`; ``state`` is a `RoundState`, ``cohort`` a `Cohort` of
-      arrays, ``data`` the device-resident `ClientData` or the cohort's `ClientBatches`. For
-      algorithms whose server state holds the frozen base, ``frozen`` is ignored.
+      ``round_fn(frozen, state, data, cohort, round_key, hparams, server_data=None) -> (state,
+      RoundOutput)``, pure and ready for `jax.jit`; ``state`` is a `RoundState`, ``cohort`` a
+      `Cohort` of arrays, ``data`` the device-resident `ClientData` or the cohort's
+      `ClientBatches`. For algorithms whose server state holds the frozen base, ``frozen`` is
+      ignored. ``server_data`` (optional) holds examples the server update trains on; it and
+      the frozen base reach the server update as `RoundInfo.server_data` and `RoundInfo.frozen`.
     """
     if client_store not in CLIENT_STORES:
         raise ValueError(f"client_store must be one of {CLIENT_STORES}, got {client_store!r}.")
@@ -704,7 +706,7 @@ def make_round_fn(
 
         train_all = train_sharded
 
-    def round_fn(frozen, state, data, cohort, round_key, hparams):
+    def round_fn(frozen, state, data, cohort, round_key, hparams, server_data=None):
         frozen = _frozen_of(algorithm, frozen, state.server)
         hparams = with_overrides(pipeline.transform, state.pipeline.transform, hparams)
         broadcast = algorithm.broadcast(state.server)
@@ -757,6 +759,8 @@ def make_round_fn(
             round_key,
             hparams,
             like,
+            frozen=frozen,
+            server_data=server_data,
         )
 
     return round_fn
@@ -804,6 +808,8 @@ def finish_round(
     round_key: jax.Array,
     hparams: HyperParams,
     upload_like: PyTree,
+    frozen: PyTree = None,
+    server_data: PyTree = None,
 ) -> tuple[RoundState, RoundOutput]:
     """The tail of a round: aggregate, transform and server updates.
 
@@ -821,6 +827,8 @@ def finish_round(
       round_key: the round's key (the server side derives its keys from it, see `round_keys`).
       hparams: the round's `HyperParams`.
       upload_like: shapes and dtypes of one `ClientOutput` (the aggregate is cast to them).
+      frozen: the round's frozen base (`RoundInfo.frozen`).
+      server_data: the round's server examples (`RoundInfo.server_data`), None without any.
 
     Returns:
       The new `RoundState` and the `RoundOutput`.
@@ -836,7 +844,7 @@ def finish_round(
     transform_state = pipeline.transform.update(
         state.pipeline.transform, stats, transform_key, hparams
     )
-    info = RoundInfo(jnp.sum(weights > 0), num_clients_total, hparams)
+    info = RoundInfo(jnp.sum(weights > 0), num_clients_total, hparams, frozen, server_data)
     if algorithm.server_metrics is not None:
         aggregator_metrics = {
             **aggregator_metrics,
@@ -885,9 +893,9 @@ def make_sequential_round(
     (``run.engine: sequential``), and the baseline the benchmark compares with.
 
     Returns:
-      ``round_fn(frozen, state, data, cohort, round_key, hparams) -> (state, RoundOutput)``
-      (not jittable as a whole: it is the loop). The output covers the participating slots
-      only, in cohort order.
+      ``round_fn(frozen, state, data, cohort, round_key, hparams, server_data=None) -> (state,
+      RoundOutput)`` (not jittable as a whole: it is the loop). The output covers the
+      participating slots only, in cohort order.
     """
     pipeline = pipeline or default_pipeline()
     aggregator = pipeline.aggregator
@@ -928,7 +936,19 @@ def make_sequential_round(
         return acc, result
 
     @jax.jit
-    def finish(state, cohort, accumulated, stats, new_states, weights, metrics, key, hparams):
+    def finish(
+        state,
+        cohort,
+        accumulated,
+        stats,
+        new_states,
+        weights,
+        metrics,
+        key,
+        hparams,
+        frozen,
+        server_data,
+    ):
         clients = commit_client_states(
             state.clients,
             cohort.client_ids,
@@ -951,9 +971,11 @@ def make_sequential_round(
             key,
             hparams,
             _upload_like(state, hparams),
+            frozen=frozen,
+            server_data=server_data,
         )
 
-    def round_fn(frozen, state, data, cohort, round_key, hparams):
+    def round_fn(frozen, state, data, cohort, round_key, hparams, server_data=None):
         frozen = _frozen_of(algorithm, frozen, state.server)
         hparams = with_overrides(pipeline.transform, state.pipeline.transform, hparams)
         broadcast = broadcast_fn(state.server)
@@ -993,6 +1015,8 @@ def make_sequential_round(
             stacked.metrics,
             round_key,
             hparams,
+            frozen,
+            server_data,
         )
 
     return round_fn

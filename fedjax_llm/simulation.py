@@ -92,6 +92,7 @@ from fedjax_llm.evaluation import (
     summarize_clients,
     summarize_global,
     summarize_personal,
+    summarize_public,
 )
 from fedjax_llm.metrics import MetricsWriter, RoundProgress, read_jsonl, summary_table
 from fedjax_llm.models.hf_loader import ModelLoadError, load_pretrained
@@ -124,6 +125,13 @@ from fedjax_llm.privacy.mechanisms import (
     dp_sgd_objective,
 )
 from fedjax_llm.privacy.plan import PrivacyPlan, RunPrivacy, make_privacy_plan
+from fedjax_llm.public_training import (
+    WARM_START_STREAM,
+    build_public_training,
+    describe_public,
+    load_public_data,
+    trains_on_public,
+)
 from fedjax_llm.robustness import malicious_clients, with_attack
 from fedjax_llm.round import (
     CLIENT_AXIS,
@@ -374,7 +382,7 @@ class Simulation:
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         self.model_config, base, self.tokenizer, self.trainable = build_model(
-            config, init_key, need_tokenizer=data is None
+            config, init_key, need_tokenizer=data is None or bool(config.public.path)
         )
         self.timings["load_time_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -412,6 +420,18 @@ class Simulation:
         # The held-out loss of the contribution scores (never DP-SGD's private gradient).
         self._scored_objective = self.objective
         self.algorithm = algorithm or build_algorithm(config)
+        # The server's public text (public.path): evaluated, and trained on by the server with
+        # public.server_steps / warm_start_steps (`fedjax_llm.public_training`).
+        self.public = load_public_data(config, self.tokenizer)
+        self._public_warm_start = None
+        self._server_data = None
+        if self.public is not None:
+            self.algorithm, self._public_warm_start = build_public_training(
+                config, self.algorithm, self._scored_objective, self.public
+            )
+            if trains_on_public(config):
+                # A round input (never a constant of the compiled round), on the device once.
+                self._server_data = jax.tree.map(jnp.asarray, self.public.train_arrays())
         if sampler is None and config.run.num_clients_per_round > self.num_clients:
             raise ConfigError(
                 f"run.num_clients_per_round={config.run.num_clients_per_round} exceeds the "
@@ -578,6 +598,7 @@ class Simulation:
         # Set by a `ReplicaGroup` that runs this simulation's rounds with others' in one program.
         self.replica_group: Any = None
         self.replica_index: int | None = None
+        generates = True
         if isinstance(self.data, ClientArrays):
             self.eval_step = make_arrays_eval_step(self.objective)
         else:
@@ -589,6 +610,16 @@ class Simulation:
                 self.tokenizer.eos_id,
                 pad_id,
                 self.objective,
+            )
+        # Public text, too, is scored by its loss alone (the text runs' step when it fits).
+        self._public_eval_step = None
+        if self.public is not None:
+            self._public_eval_step = (
+                self.eval_step
+                if not generates and self.objective is self._scored_objective
+                else make_eval_step(
+                    self.trainable, 0, self.tokenizer.eos_id, pad_id, self._scored_objective
+                )
             )
         # An algorithm with personal state is also evaluated client by client with each
         # client's own params (`_evaluate_personal`).
@@ -921,11 +952,13 @@ class Simulation:
         bs = self.config.eval.batch_size
         params, frozen = self.params, self.frozen
         if isinstance(self.data, ClientArrays):
-            return self._evaluate_arrays(self.data, frozen, params, bs)
+            out = self._evaluate_arrays(self.data, frozen, params, bs)
+            return {**out, **self._evaluate_public(frozen, params, bs)}
         per_example = evaluate_examples(
             self.eval_step, frozen, params, self.data.eval, self.tokenizer, bs
         )
         out = summarize_global(per_example, self.data.eval)
+        out.update(self._evaluate_public(frozen, params, bs))
         backdoor = getattr(self.data, "backdoor_eval", None)
         if backdoor is not None:
             # The attack's success: triggered eval prompts answered with the target exactly.
@@ -946,6 +979,16 @@ class Simulation:
             if self.personal_eval_step is not None:
                 out.update(self._evaluate_personal(test, bs))
         return out
+
+    def _evaluate_public(self, frozen: Any, params: Any, batch_size: int) -> dict:
+        """``eval/public/loss`` and ``eval/public/perplexity`` on the held-out share of
+        ``public.path`` (`summarize_public`); nothing without public data."""
+        if self.public is None:
+            return {}
+        per_example = evaluate_examples(
+            self._public_eval_step, frozen, params, self.public.eval, self.tokenizer, batch_size
+        )
+        return summarize_public(per_example, self.public.eval)
 
     def _evaluate_arrays(self, data: ClientArrays, frozen: Any, params: Any, bs: int) -> dict:
         """`evaluate` of data given as arrays: the objective's metrics on the global held-out
@@ -1066,7 +1109,13 @@ class Simulation:
             jax.tree.map(jnp.asarray, cohort),
             round_key,
             self.hyperparams(round_num),
-        )
+        ) + self._server_inputs()
+
+    def _server_inputs(self) -> tuple:
+        """The round's optional last argument: the public examples the server trains on
+        (`RoundInfo.server_data`); none without public steps, which keeps the round's
+        signature and program exactly as they were."""
+        return () if self._server_data is None else (self._server_data,)
 
     def _global_round_inputs(self, cohort: Cohort, round_key: jax.Array, round_num: int) -> tuple:
         """The compiled round's arguments over several processes: global arrays replicated on
@@ -1083,7 +1132,35 @@ class Simulation:
             distributed.replicate(jax.tree.map(jnp.asarray, cohort), mesh),
             distributed.replicate(round_key, mesh),
             distributed.replicate(self.hyperparams(round_num), mesh),
-        )
+        ) + tuple(distributed.replicate(x, mesh) for x in self._server_inputs())
+
+    def warm_start(self) -> dict:
+        """Takes the ``public.warm_start_steps`` server steps on public data from the initial
+        model (`fedjax_llm.public_training.make_public_warm_start`, one jitted scan), once:
+        `run` calls it before the first round, never on a resumed run (whose restored state
+        holds the warm-started model and optimizer).
+
+        Returns:
+          ``warm_start_time_s`` and the first and last step's public training loss
+          (``public/warm_start_loss_first``, ``public/warm_start_loss_last``); {} when there
+          is no warm start or it has run.
+        """
+        if self._public_warm_start is None:
+            return {}
+        t0 = time.perf_counter()
+        key = jax.random.fold_in(self.train_key, WARM_START_STREAM)
+        with _device_memory("the public warm start"):
+            server, losses = self._public_warm_start(
+                self.state.server, self.frozen, self._server_data, key
+            )
+            losses = np.asarray(jax.device_get(losses))
+        self.state = self.state._replace(server=server)
+        self._public_warm_start = None
+        return {
+            "warm_start_time_s": time.perf_counter() - t0,
+            "public/warm_start_loss_first": float(losses[0]),
+            "public/warm_start_loss_last": float(losses[-1]),
+        }
 
     def compile(self) -> float:
         """Compiles the round ahead of time; returns the compile time in seconds (0 for the
@@ -1207,7 +1284,7 @@ class Simulation:
         try:
             self._print_header(progress)
             if self.start_round == 0:
-                record = {"round": 0, **self.timings}
+                record = {"round": 0, **self.timings, **self.warm_start()}
                 if evaluates:
                     record.update(self._checked_evaluate(0, last_good, client_writer))
                     progress.log_eval(0, {k: v for k, v in record.items() if "/" in k})
@@ -1548,6 +1625,8 @@ class Simulation:
             )
         else:
             progress.log("client data: device-resident")
+        if self.public is not None:
+            progress.log(describe_public(self.public, c))
         if c.run.save_checkpoints:
             store = tree_bytes(self.state.clients)
             progress.log(
@@ -2037,11 +2116,19 @@ def _restore_latest(run_dir: str, what: str) -> tuple[dict, dict, int]:
 
 
 def _global_params(raw: dict, like: PyTree, what: str, run_dir: str) -> PyTree:
-    """The global trainable params of a restored checkpoint, in the structure of ``like``."""
-    prefix = "['server_state'].params"
+    """The global trainable params of a restored checkpoint, in the structure of ``like``.
+
+    They are the server state's ``params``, or its wrapped state's (``inner``: an algorithm
+    wrapped by `fedjax_llm.public_training.with_public_steps` or downlink compression)."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-    missing = [p for p, _ in leaves if prefix + jax.tree_util.keystr(p) not in raw]
-    if missing:
+
+    def missing_under(prefix: str) -> list:
+        return [p for p, _ in leaves if prefix + jax.tree_util.keystr(p) not in raw]
+
+    prefixes = ["['server_state']" + ".inner" * depth + ".params" for depth in range(4)]
+    prefix = next((p for p in prefixes if not missing_under(p)), None)
+    if prefix is None:
+        missing = missing_under(prefixes[0])
         raise ConfigError(
             f"{what}={run_dir!r}: its checkpoint lacks {jax.tree_util.keystr(missing[0])}; it "
             "was made with another trainable mode or model."
@@ -2078,7 +2165,9 @@ def load_base_params(run_dir: str, config: ExperimentConfig, like: PyTree) -> Py
     if saved.get("pretrained", {}).get("path") != config.pretrained.path:
         raise ConfigError(
             f"trainable.base_run={run_dir!r} started from pretrained.path="
-            f"{saved.get('pretrained', {}).get('path')!r}, not {config.pretrained.path!r}."
+            f"{saved.get('pretrained', {}).get('path')!r}, not {config.pretrained.path!r}: "
+            "another model and tokenizer (null is the byte-level one), so its weights would "
+            "read these token ids wrongly; set pretrained.path to the base run's."
         )
     saved_model = saved["model"]
     current = dataclasses.asdict(config.model)

@@ -3,7 +3,7 @@
   python scripts/make_example_data.py                  # -> data/example/
   python scripts/make_example_data.py --out /tmp/ex --users 100 --examples 4000 --pairs 2000
 
-Three datasets, so the real-data configs run on a machine without internet:
+Four datasets, so the real-data configs run on a machine without internet:
 
 - ``instructions.jsonl``: Dolly-schema records (instruction / context / response / category /
   user). The tasks are the built-in task families phrased as natural-language requests (add two
@@ -19,10 +19,14 @@ Three datasets, so the real-data configs run on a machine without internet:
 - ``texts/<module>.txt``: plain English text for pre-training, one file per Python standard
   library module (its documentation strings), so splitting by file gives clients that each write
   about their own topic.
+- ``public/<module>.txt``: the server's public text for pre-training with public and private
+  data (``public.path``), written the same way from other standard-library modules, so the
+  public text differs from every client's private text.
 
 Replace them with your own files: `configs/smollm2_lora_instruct.yaml` and
-`configs/pretrain_text.yaml` read them through ``data.path``. ``--pairs`` sets the number of
-preference pairs; the instruction and text files do not depend on it.
+`configs/pretrain_text.yaml` read them through ``data.path``, and
+`configs/pretrain_public_private.yaml` the public text through ``public.path``. ``--pairs`` sets
+the number of preference pairs; the instruction and text files do not depend on it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ TEXT_MODULES = (
     "logging", "math", "pathlib", "random", "re", "shutil", "sqlite3", "statistics", "string",
     "subprocess", "tarfile", "textwrap", "threading", "unittest", "urllib.parse", "zipfile",
 )  # fmt: skip
+PUBLIC_MODULES = (
+    "array", "base64", "codecs", "configparser", "contextlib", "dataclasses", "enum",
+    "ipaddress", "locale", "optparse", "smtplib", "socketserver", "tempfile", "timeit", "uuid",
+    "wave",
+)  # fmt: skip
+"""The modules of the public text: none of them is in `TEXT_MODULES`."""
 
 
 def _instruction(family: str, prompt: str) -> tuple[str, str]:
@@ -166,11 +176,11 @@ def module_text(name: str) -> str:
     return "\n\n".join(p.strip() for p in parts if p.strip()) + "\n"
 
 
-def write_texts(folder: str) -> dict[str, int]:
+def write_texts(folder: str, modules: Sequence[str] = TEXT_MODULES) -> dict[str, int]:
     """Writes one text file per module; returns the characters per file."""
     os.makedirs(folder, exist_ok=True)
     written = {}
-    for name in TEXT_MODULES:
+    for name in modules:
         text = module_text(name)
         file = os.path.join(folder, f"{name.replace('.', '_')}.txt")
         with open(file, "w") as f:
@@ -205,6 +215,8 @@ def _make(argv: list[str] | None, context: ScriptContext) -> int:
     )
     texts = write_texts(os.path.join(args.out, "texts"))
     print(f"{args.out}/texts: {len(texts)} files, {sum(texts.values()):,} characters")
+    public = write_texts(os.path.join(args.out, "public"), PUBLIC_MODULES)
+    print(f"{args.out}/public: {len(public)} files, {sum(public.values()):,} characters")
     return 0
 
 

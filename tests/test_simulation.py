@@ -8,7 +8,6 @@ import re
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -222,21 +221,7 @@ def test_lora_on_a_federated_pretrained_base(make_config):
     pretrained._prepare_run_dir()
     chex.assert_trees_all_equal(sim.frozen, pretrained.params)
 
-    # The next stage: a LoRA run on the LoRA run, whose base is the pre-trained model with the
-    # adapter merged in, so the new stage starts from exactly what the last one ended with.
-    sim.run()
-    aligned = Simulation(
-        make_config(trainable={"mode": "lora", "base_run": finetune.run.output_dir}),
-        verbose=False,
-    )
-    tokens = jnp.asarray(sim.data.eval.tokens[:4])
-    adapted = sim.trainable.apply(sim.frozen, sim.params, tokens)
-    merged = aligned.trainable.apply(aligned.frozen, None, tokens, adapter=False)
-    assert float(jnp.abs(sim.params["q"]["b"]).max()) > 0  # the adapter was trained
-    np.testing.assert_allclose(merged, adapted, rtol=1e-4, atol=1e-4)
-    kernel = aligned.frozen["layers"]["attn"]["q_proj"]["kernel"]
-    assert float(jnp.abs(kernel - pretrained.params["layers"]["attn"]["q_proj"]["kernel"]).max())
-
+    # A LoRA run as a base (its adapter merged in): tests/test_training_chain.py.
     with pytest.raises(ConfigError, match="'soft_prompt'; a base must come from"):
         prompt_run = make_config(trainable={"mode": "soft_prompt"}, run={"num_rounds": 1})
         Simulation(prompt_run, verbose=False).run()

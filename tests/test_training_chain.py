@@ -40,6 +40,14 @@ def example_data(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def pretrained_run(example_data, tmp_path_factory):
+    """A one-round run of the first stage (the tiny model)."""
+    run_dir = tmp_path_factory.mktemp("pretrain") / "run"
+    _stage("pretrain_text", example_data / "texts", run_dir, "--run.num_rounds=1").run()
+    return run_dir
+
+
 def _stage(name, data_path, run_dir, *overrides):
     config = load_config(
         os.path.join(ROOT, "configs", f"{name}.yaml"),
@@ -103,18 +111,32 @@ def test_pretrain_then_instruct_then_dpo(example_data, tmp_path):
     assert {"loss", "reward_accuracy", "reward_margin"} <= set(final[0])
 
 
-def test_a_chain_stage_on_another_model_is_refused(example_data, tmp_path):
-    pretrain = _stage(
-        "pretrain_text", example_data / "texts", tmp_path / "pretrain", "--run.num_rounds=1"
-    )
-    pretrain.run()
+def test_a_chain_stage_on_another_model_is_refused(example_data, pretrained_run, tmp_path):
     config = load_config(
         os.path.join(ROOT, "configs", "chain_instruct.yaml"),
         [
             f"--data.path={example_data / 'instructions.jsonl'}",
-            f"--trainable.base_run={tmp_path / 'pretrain'}",
+            f"--trainable.base_run={pretrained_run}",
             f"--run.output_dir={tmp_path / 'instruct'}",
         ],
     ).validate()
     with pytest.raises(ConfigError, match="used another model: .*model.hidden_size"):
+        Simulation(config, verbose=False)
+
+
+def test_a_stage_on_another_tokenizer_is_refused(
+    example_data, pretrained_run, smollm2_dir, tmp_path
+):
+    """The DPO policy and its reference share the base, so they cannot disagree; a base run
+    on another tokenizer than this stage's is refused, naming both."""
+    config = load_config(
+        os.path.join(ROOT, "configs", "chain_dpo.yaml"),
+        [
+            f"--data.path={example_data / 'preferences.jsonl'}",
+            f"--pretrained.path={smollm2_dir}",
+            f"--trainable.base_run={pretrained_run}",
+            f"--run.output_dir={tmp_path / 'dpo'}",
+        ],
+    ).validate()
+    with pytest.raises(ConfigError, match="started from pretrained.path=None, not .*tokenizer"):
         Simulation(config, verbose=False)

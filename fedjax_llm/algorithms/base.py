@@ -73,11 +73,18 @@ class RoundInfo(NamedTuple):
       num_participants: number of clients with non-zero weight this round (array).
       num_clients_total: size of the client population (static).
       hparams: the round's `HyperParams`.
+      frozen: the frozen base the clients trained against this round (an input of the
+        compiled round, never a constant of it), for server updates that run the model
+        (`fedjax_llm.public_training`); None where the caller has none.
+      server_data: examples the server trains on (a dict of per-example arrays, an input of
+        the compiled round: ``round_fn(..., server_data)``); None without any.
     """
 
     num_participants: jax.Array
     num_clients_total: int
     hparams: HyperParams | None = None
+    frozen: PyTree = None
+    server_data: PyTree = None
 
 
 class Algorithm(NamedTuple):
