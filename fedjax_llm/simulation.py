@@ -247,6 +247,17 @@ def check_run_directory(config: ExperimentConfig) -> None:
         )
 
 
+def _with_missing_keys(saved: dict, defaults: dict) -> dict:
+    """``saved`` with every key of ``defaults`` it lacks (at any depth) set to the default."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _with_missing_keys(out[key], value)
+    return out
+
+
 def resume_differences(saved: dict, config: ExperimentConfig) -> list[str]:
     """Fields whose change would make a resumed run differ from an uninterrupted one.
 
@@ -260,6 +271,12 @@ def resume_differences(saved: dict, config: ExperimentConfig) -> list[str]:
     """
     # How the processes were launched (distributed.*) never changes a result.
     current = {k: v for k, v in config_to_dict(config).items() if k != "distributed"}
+    # A key the checkpoint's config lacks was added to the project after it was saved; its
+    # default is what that run did.
+    defaults = config_to_dict(
+        dataclasses.replace(ExperimentConfig(), algorithm=type(config.algorithm)())
+    )
+    saved = _with_missing_keys(saved, defaults)
     diffs = config_differences({k: v for k, v in saved.items() if k != "distributed"}, current)
     saved_rounds = saved.get("run", {}).get("num_rounds")
     scheduled = [

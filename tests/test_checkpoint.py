@@ -243,3 +243,16 @@ def test_a_round_is_never_saved_twice(tmp_path):
         assert checkpointer.restore_raw(2)[1] == METADATA
     finally:
         checkpointer.close()
+
+
+def test_a_checkpoint_saved_before_a_key_existed_resumes_with_its_default(make_config):
+    """Sections and keys added to the project later (dpo, public, an algorithm's new setting)
+    are absent from an older checkpoint's config; their defaults are what that run did."""
+    from fedjax_llm.simulation import resume_differences
+
+    config = make_config(algorithm={"type": "diloco"})
+    old = config_to_dict(config)
+    del old["dpo"], old["public"], old["algorithm"]["keep_inner_state"], old["client"]["objective"]
+    assert resume_differences(old, config) == []
+    changed = dataclasses.replace(config, dpo=dataclasses.replace(config.dpo, beta=0.5))
+    assert resume_differences(old, changed) == ["dpo.beta: 0.1 -> 0.5"]
