@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_llm.algorithms.base import Algorithm
+from fedjax_llm.algorithms.base import Algorithm, inner_state_hooks
 from fedjax_llm.pipeline import UploadTransform
 from kernels import (
     global_norm,
@@ -317,19 +317,7 @@ def with_downlink_compression(
         )
         return DownlinkState(inner, client_params, state.message_bytes)
 
-    server_metrics = None
-    if algorithm.server_metrics is not None:
-        inner_metrics = algorithm.server_metrics
-
-        def server_metrics(state, aggregate, info):
-            return inner_metrics(state.inner, aggregate, info)
-
-    server_frozen = None
-    if algorithm.server_frozen is not None:
-        inner_frozen = algorithm.server_frozen
-
-        def server_frozen(state):
-            return inner_frozen(state.inner)
+    server_frozen, server_metrics = inner_state_hooks(algorithm)
 
     return algorithm._replace(
         server_init=server_init,

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_llm.algorithms.base import Algorithm
+from fedjax_llm.algorithms.base import Algorithm, inner_state_hooks
 from fedjax_llm.config import ClientConfig, ConfigError, ExperimentConfig, PublicDataConfig
 from fedjax_llm.data.public_data import PublicData, build_public_data
 from fedjax_llm.data.tokenizer import Tokenizer
@@ -259,19 +259,7 @@ def with_public_steps(
         )
         return PublicTrainingState(inner, opt_state)
 
-    server_metrics = None
-    if algorithm.server_metrics is not None:
-        inner_metrics = algorithm.server_metrics
-
-        def server_metrics(state, aggregate, info):
-            return inner_metrics(state.inner, aggregate, info)
-
-    server_frozen = None
-    if algorithm.server_frozen is not None:
-        inner_frozen = algorithm.server_frozen
-
-        def server_frozen(state):
-            return inner_frozen(state.inner)
+    server_frozen, server_metrics = inner_state_hooks(algorithm)
 
     return algorithm._replace(
         server_init=server_init,

@@ -234,3 +234,27 @@ def server_optimizer_update(
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:
     """Returns ``a - b`` leafwise."""
     return jax.tree.map(jnp.subtract, a, b)
+
+
+def inner_state_hooks(algorithm: Algorithm) -> tuple[Callable | None, Callable | None]:
+    """``server_frozen`` and ``server_metrics`` of an algorithm wrapped by one whose server
+    state holds the wrapped algorithm's as ``state.inner`` (downlink compression, public
+    training): the inner hooks read through ``.inner``; None where the inner one is None.
+
+    Returns:
+      ``(server_frozen, server_metrics)`` for the wrapper's `Algorithm`.
+    """
+    server_frozen = server_metrics = None
+    if algorithm.server_frozen is not None:
+        inner_frozen = algorithm.server_frozen
+
+        def server_frozen(state):
+            return inner_frozen(state.inner)
+
+    if algorithm.server_metrics is not None:
+        inner_metrics = algorithm.server_metrics
+
+        def server_metrics(state, aggregate, info):
+            return inner_metrics(state.inner, aggregate, info)
+
+    return server_frozen, server_metrics
