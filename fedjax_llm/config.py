@@ -454,13 +454,16 @@ class DiLoCoConfig(AlgorithmConfig):
     in their experiments; see configs/diloco_pretrain.yaml).
 
     Attributes:
-      keep_inner_state: each client keeps its inner optimizer's state (AdamW's moments) from
-        one round it takes part in to the next, as DiLoCo's workers do; false starts it afresh
-        every round (FedAvg's convention). Kept, it costs one optimizer state per client in
-        the client store.
+      keep_inner_state: each client keeps its inner optimizer's state (AdamW's moments and
+        step count) from one round it takes part in to the next, as the paper's workers do;
+        false (the default) starts it afresh every round. Kept, it costs one optimizer state
+        per client in the client store, and in our pre-training comparison
+        (scripts/pretraining_tables.py diloco) it trained worse than a fresh state: AdamW's
+        slowly decaying second moment carries the large gradients of earlier rounds, from
+        before the outer step moved the model, into every later step.
     """
 
-    keep_inner_state: bool = True
+    keep_inner_state: bool = False
 
 
 @AlgorithmConfig.register_subclass("hetlora")

@@ -6,11 +6,11 @@ Usage:
   python scripts/pretraining_tables.py public_private   # public + private data vs either alone
   python scripts/pretraining_tables.py diloco --rounds 5 --out /tmp/diloco.json
 
-``diloco``: configs/diloco_pretrain.yaml (a byte-level Llama, 8 workers on 8 text files, 20
-inner AdamW steps per round) against the same compute spent three other ways: FedAvg (plain
-averaging of the same 20 AdamW steps), DiLoCo without the workers' kept AdamW state, and
-synchronous data-parallel Adam (one step of the 8 workers' averaged gradient per round, 20x as
-many rounds). ``--rounds`` is DiLoCo's number of rounds (default 10).
+``diloco``: configs/diloco_pretrain.yaml (a byte-level Llama, 8 workers on 8 text files, 10
+inner AdamW steps per round) against the same compute spent three other ways: DiLoCo with the
+workers' AdamW state kept between rounds, FedAvg (plain averaging of the same AdamW steps) and
+synchronous data-parallel Adam (one step of the 8 workers' averaged gradient per round, 10x as
+many rounds). ``--rounds`` is DiLoCo's number of rounds (default: the config's).
 
 ``public_private``: configs/pretrain_public_private.yaml (clients = the private text files, one
 per file; the server holds public text of other topics) trained three ways with the same
@@ -50,27 +50,28 @@ PUBLIC_PRIVATE = os.path.join(ROOT, "configs", "pretrain_public_private.yaml")
 QUIET = ["run.save_checkpoints=false", "run.partition_report=false"]
 
 
-def diloco_variants(rounds: int, local_steps: int) -> dict[str, list[str]]:
+def diloco_variants(rounds: int, local_steps: int, lr: float) -> dict[str, list[str]]:
     """The four ways of spending ``rounds x local_steps`` steps of each of the workers."""
 
     def at(num_rounds: int) -> list[str]:
         return [f"run.num_rounds={num_rounds}", f"eval.every={num_rounds}", *QUIET]
 
     return {
-        "DiLoCo (Nesterov 0.7/0.9, AdamW state kept)": at(rounds),
-        "DiLoCo, AdamW state reset every round": [
-            "algorithm.keep_inner_state=false",
+        "DiLoCo (Nesterov 0.7/0.9)": at(rounds),
+        "DiLoCo, AdamW state kept between rounds": [
+            "algorithm.keep_inner_state=true",
             *at(rounds),
         ],
         "FedAvg (same AdamW steps, plain average)": ["algorithm.type=fedavg", *at(rounds)],
         # One step per round of the averaged gradient: the client's SGD step with lr 1 uploads
-        # -gradient, and the server's Adam (the inner AdamW's settings) steps on the mean.
+        # -gradient, and the server's Adam (the inner AdamW's settings and learning rate)
+        # steps on the mean.
         "synchronous data-parallel Adam": [
             "algorithm.type=fedadam",
             "client.optimizer=sgd",
             "client.lr=1.0",
             "client.local_steps=1",
-            "server.lr=0.003",
+            f"server.lr={lr}",
             "server.momentum=0.9",
             "server.b2=0.999",
             "server.eps=1e-8",
@@ -82,9 +83,10 @@ def diloco_variants(rounds: int, local_steps: int) -> dict[str, list[str]]:
 def diloco_table(args) -> tuple[list[dict], str]:
     from fedjax_llm.config import load_config
 
-    local_steps = load_config(DILOCO).client.local_steps
-    rounds = args.rounds or 10
-    rows = run_variants(DILOCO, diloco_variants(rounds, local_steps), args.runs)
+    config = load_config(DILOCO)
+    rounds = args.rounds or config.run.num_rounds
+    variants = diloco_variants(rounds, config.client.local_steps, config.client.lr)
+    rows = run_variants(DILOCO, variants, args.runs)
     for row in rows:
         row["eval_perplexity"] = math.exp(row["eval_loss"])
         row["client_perplexity_mean"] = math.exp(row["client_loss_mean"])

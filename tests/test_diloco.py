@@ -39,7 +39,7 @@ def test_the_outer_step_is_nesterov_momentum_on_the_pseudo_gradient():
 
 
 def test_a_client_keeps_its_inner_adamw_state_across_rounds():
-    algorithm = make_diloco(_adamw(), optax.sgd(1.0))
+    algorithm = make_diloco(_adamw(), optax.sgd(1.0), keep_inner_state=True)
     params = {"w": jnp.asarray([1.0, 2.0])}
     grads = {"w": jnp.asarray([0.5, -1.0])}
     loss_fn = lambda p, batch, key: (jnp.sum(grads["w"] * p["w"]), {})  # noqa: E731
@@ -60,8 +60,8 @@ def test_a_client_keeps_its_inner_adamw_state_across_rounds():
         np.testing.assert_allclose(
             adam.mu["w"], (1 - 0.9 ** (3 * (round_num + 1))) * grads["w"], rtol=1e-5
         )
-    # Without it: FedAvg's fresh optimizer every round, and no client state.
-    fresh = make_diloco(_adamw(), optax.sgd(1.0), keep_inner_state=False)
+    # Without it (the default): a fresh optimizer every round, and no client state.
+    fresh = make_diloco(_adamw(), optax.sgd(1.0))
     assert fresh.client_state_init(params) == ()
 
 
