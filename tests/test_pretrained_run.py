@@ -294,3 +294,35 @@ def test_shipped_real_data_configs_run(name, example_data, model_dir, tmp_path):
     assert np.isfinite(history[-1]["train_loss"])
     labels = [k for k in history[-1] if k.startswith("eval/perplexity/")]
     assert len(labels) >= 5  # categories or source files
+
+
+def test_dpo_config_on_a_pretrained_hf_model_and_its_chat_template(
+    example_data, model_dir, tmp_path
+):
+    """configs/chain_dpo.yaml on a Hugging Face model (the tiny one, with its own ChatML
+    template) instead of the chain's byte-level base: pairs rendered by the tokenizer's template,
+    the reference is the pretrained model with the adapter off (loss log 2 before training)."""
+    import math
+
+    from fedjax_llm.config import load_config
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    config = load_config(
+        os.path.join(root, "configs", "chain_dpo.yaml"),
+        [
+            f"--pretrained.path={model_dir}",
+            "--trainable.base_run=null",
+            "--data.chat_template=null",
+            f"--data.path={example_data / 'preferences.jsonl'}",
+            "--data.max_examples=200",
+            "--data.seq_len=64",
+            "--run.num_rounds=2",
+            "--eval.every=2",
+            "--run.num_clients_per_round=4",
+            f"--run.output_dir={tmp_path / 'run'}",
+        ],
+    )
+    history = Simulation(config, verbose=False).run()
+    np.testing.assert_allclose(history[0]["eval/loss"], math.log(2), rtol=1e-5)
+    assert np.isfinite(history[-1]["eval/loss"]) and history[-1]["eval/loss"] != math.log(2)
+    assert 0.0 <= history[-1]["client/reward_accuracy_mean"] <= 1.0
