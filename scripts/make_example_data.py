@@ -12,8 +12,9 @@ Four datasets, so the real-data configs run on a machine without internet:
   own number of records (lognormal), so splitting by ``user`` is a natural non-IID split.
 - ``preferences.jsonl``: preference pairs for DPO (prompt / chosen / rejected / category /
   user) from the same task families: the prompt is the request (and its context), ``chosen``
-  the correct answer and ``rejected`` a plausible wrong one (a sum or count off by one, the word
-  left unreversed or unsorted, another value of the table or the list). Users again have their
+  the correct answer and ``rejected`` in half of the pairs a plausible wrong one (a sum or count
+  off by one, the word left unreversed or unsorted, another value of the table or the list), in
+  the other half an unhelpful one (a refusal, a hedge, chatter). Users again have their
   own category mix and size (drawn independently of the instruction file), so splitting by
   ``user`` is a natural non-IID split; ``data.format: preference`` (or ``auto``) reads it.
 - ``texts/<module>.txt``: plain English text for pre-training, one file per Python standard
@@ -136,6 +137,23 @@ def _wrong_answer(family: str, prompt: str, answer: str, rng: np.random.Generato
     return wrong
 
 
+UNHELPFUL = (
+    "Sorry, I cannot help with that.",
+    "I think it might be {wrong}, but I am not sure. You should check it yourself.",
+    "That is an interesting question! Many people wonder about this. The answer is {wrong}.",
+)
+"""Unhelpful rejected answers (a refusal, a hedge, chatter), as preference data also rank
+style and helpfulness, not only correctness; ``{wrong}`` is a wrong answer."""
+
+
+def _rejected(family: str, prompt: str, answer: str, rng: np.random.Generator) -> str:
+    """Half of the pairs reject a plausible wrong answer, half an unhelpful one."""
+    wrong = _wrong_answer(family, prompt, answer, rng)
+    if rng.random() < 0.5:
+        return wrong
+    return UNHELPFUL[int(rng.integers(len(UNHELPFUL)))].format(wrong=wrong)
+
+
 def write_preferences(path: str, num_users: int, num_pairs: int, alpha: float, seed: int):
     """Writes the preference-pair file; returns the number of pairs per user.
 
@@ -155,7 +173,7 @@ def write_preferences(path: str, num_users: int, num_pairs: int, alpha: float, s
             record = {
                 "prompt": f"{instruction}\n\n{context}" if context else instruction,
                 "chosen": example.response,
-                "rejected": _wrong_answer(family, example.prompt, example.response, rng),
+                "rejected": _rejected(family, example.prompt, example.response, rng),
                 "category": family,
                 "user": f"user{user:03d}",
             }
