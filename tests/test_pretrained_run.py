@@ -299,19 +299,38 @@ def test_shipped_real_data_configs_run(name, example_data, model_dir, tmp_path):
 def test_dpo_config_on_a_pretrained_hf_model_and_its_chat_template(
     example_data, model_dir, tmp_path
 ):
-    """configs/chain_dpo.yaml on a Hugging Face model (the tiny one, with its own ChatML
-    template) instead of the chain's byte-level base: pairs rendered by the tokenizer's template,
-    the reference is the pretrained model with the adapter off (loss log 2 before training)."""
+    """configs/chain_instruct.yaml then configs/chain_dpo.yaml on a Hugging Face model (the tiny
+    one, with its own ChatML template) instead of the chain's byte-level base: pairs rendered by
+    the tokenizer's template, the reference is the instruction-tuned model with the new adapter
+    off (loss log 2 before training)."""
     import math
 
     from fedjax_llm.config import load_config
 
     root = os.path.join(os.path.dirname(__file__), "..")
+    # Stage 2 of the chain on the HF model, then DPO on its merged model: the configs' model
+    # sections differ, which does not matter when the weights define the architecture.
+    instruct = load_config(
+        os.path.join(root, "configs", "chain_instruct.yaml"),
+        [
+            f"--pretrained.path={model_dir}",
+            "--trainable.base_run=null",
+            "--data.chat_template=null",
+            "--model.hidden_size=64",
+            f"--data.path={example_data / 'instructions.jsonl'}",
+            "--data.seq_len=64",
+            "--run.num_rounds=1",
+            "--eval.every=0",
+            "--run.num_clients_per_round=4",
+            f"--run.output_dir={tmp_path / 'instruct'}",
+        ],
+    )
+    Simulation(instruct, verbose=False).run()
     config = load_config(
         os.path.join(root, "configs", "chain_dpo.yaml"),
         [
             f"--pretrained.path={model_dir}",
-            "--trainable.base_run=null",
+            f"--trainable.base_run={tmp_path / 'instruct'}",
             "--data.chat_template=null",
             f"--data.path={example_data / 'preferences.jsonl'}",
             "--data.max_examples=200",
