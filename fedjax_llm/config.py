@@ -147,6 +147,9 @@ class TrainableConfig:
       lora_targets: projections that get LoRA factors, from q, k, v, o, gate, up, down.
       num_virtual_tokens: length of the soft prompt or of each layer's prefix.
       prompt_init: ``vocab`` (copy random vocabulary embeddings) or ``random``.
+      lora_soft_prompt: ``lora`` only: a soft prompt of this many virtual tokens trained beside
+        the LoRA factors (``algorithm.type: personal_prompt`` keeps it per client: a personal
+        soft prompt on a shared LoRA); 0: none.
       base_run: optional run directory of an earlier run whose final model becomes the frozen
         base: a ``full`` run's parameters, or a ``lora`` run's base with its adapter merged in
         (pre-training, then instruction tuning, then DPO; the model must be the same).
@@ -158,6 +161,7 @@ class TrainableConfig:
     lora_targets: tuple[str, ...] = ("q", "v")
     num_virtual_tokens: int = 8
     prompt_init: Literal["vocab", "random"] = "vocab"
+    lora_soft_prompt: int = 0
     base_run: str | None = None
 
 
@@ -378,7 +382,8 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
     server optimizer), ``fedprox`` (``mu``), ``scaffold``, ``fednova``, ``diloco``
     (``keep_inner_state``); LoRA at a rank per
     client: ``hetlora``, ``flexlora``, ``flora``, ``ffa_lora``; personalized: ``fedsa_lora``,
-    ``fedper``, ``ditto``; or a type added with `fedjax_llm.register_algorithm`. In YAML:
+    ``fedper``, ``ditto``, ``personal_prompt``; or a type added with
+    `fedjax_llm.register_algorithm`. In YAML:
     ``algorithm: {type: fedprox, mu: 0.01}``; on the command line: ``--algorithm.type fedprox
     --algorithm.mu 0.01``.
 
@@ -464,6 +469,13 @@ class DiLoCoConfig(AlgorithmConfig):
     """
 
     keep_inner_state: bool = False
+
+
+@AlgorithmConfig.register_subclass("personal_prompt")
+@dataclasses.dataclass(frozen=True)
+class PersonalPromptConfig(AlgorithmConfig):
+    """A personal soft prompt on a shared LoRA: FedAvg on the LoRA factors while each client
+    keeps its own soft prompt (``trainable.lora_soft_prompt`` tokens) in the client store."""
 
 
 @AlgorithmConfig.register_subclass("hetlora")
@@ -974,6 +986,7 @@ FIELD_RANGES: dict[type, dict[str, Range]] = {
         "scan_unroll": positive("null: shallow models fully unrolled, deeper ones rolled"),
     },
     TrainableConfig: {
+        "lora_soft_prompt": at_least(0, "0: no soft prompt beside the LoRA factors"),
         "lora_rank": positive(),
         "lora_alpha": positive(),
         "num_virtual_tokens": positive(),
@@ -1407,6 +1420,24 @@ class ExperimentConfig:
                 f"{', client.weight_decay' if client.weight_decay else ''}. Set "
                 "client.optimizer=sgd (without grad_clip_norm or weight_decay), or use fedavg or "
                 "fedprox with that optimizer."
+            )
+        if self.trainable.lora_soft_prompt and self.trainable.mode != "lora":
+            raise ConfigError(
+                f"trainable.lora_soft_prompt={self.trainable.lora_soft_prompt} adds a soft prompt "
+                f"beside LoRA factors; it needs trainable.mode=lora (got {self.trainable.mode}; "
+                "trainable.mode=soft_prompt trains a prompt alone)."
+            )
+        if isinstance(self.algorithm, PersonalPromptConfig) and not (
+            self.trainable.mode == "lora" and self.trainable.lora_soft_prompt
+        ):
+            raise ConfigError(
+                "algorithm.type=personal_prompt keeps a soft prompt per client on a shared LoRA: "
+                "set trainable.mode=lora and trainable.lora_soft_prompt to its number of tokens."
+            )
+        if type(self.algorithm).rank_tiers and self.trainable.lora_soft_prompt:
+            raise ConfigError(
+                f"algorithm.type={self.algorithm.name} aggregates LoRA factors of several ranks; "
+                "it takes no soft prompt beside them (trainable.lora_soft_prompt=0)."
             )
         if type(self.algorithm).rank_tiers and self.trainable.mode != "lora":
             raise ConfigError(

@@ -1982,6 +1982,7 @@ def build_trainable(config: ExperimentConfig, model_config: LlamaConfig) -> Trai
         lora_targets=t.lora_targets,
         num_virtual_tokens=t.num_virtual_tokens,
         prompt_init=t.prompt_init,
+        lora_soft_prompt=t.lora_soft_prompt if t.mode == "lora" else 0,
     )
 
 
@@ -2198,6 +2199,11 @@ def load_base_params(run_dir: str, config: ExperimentConfig, like: PyTree) -> Py
     ]
     if diffs:
         raise ConfigError(f"trainable.base_run={run_dir!r} used another model: {diffs}.")
+    if mode == "lora" and saved.get("trainable", {}).get("lora_soft_prompt"):
+        raise ConfigError(
+            f"trainable.base_run={run_dir!r} trained a soft prompt beside its LoRA "
+            "(trainable.lora_soft_prompt), which no weight of the base can hold."
+        )
     if mode == "lora":
         trained = load_trained(run_dir)
         t = trained.config.trainable

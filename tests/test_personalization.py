@@ -403,3 +403,64 @@ def test_personalized_evaluation_and_resume(make_config):
             assert not np.array_equal(now[client], before[client])
         else:
             np.testing.assert_array_equal(now[client], before[client])
+
+
+# ------------------------------------------------- a personal soft prompt on a shared LoRA
+def test_personal_soft_prompt_on_a_shared_lora(make_config):
+    """``personal_prompt``: the LoRA factors are averaged, each client's soft prompt stays in
+    its state (the server's copy never moves, nothing of it is uploaded), and the personalized
+    evaluation runs each client with its own prompt."""
+    config = make_config(
+        algorithm={"type": "personal_prompt"},
+        trainable={"mode": "lora", "lora_rank": 4, "lora_soft_prompt": 3},
+        data={"partitioner": "pathological", "classes_per_client": 1},
+        client={"lr": 0.02},
+        eval={"max_new_tokens": 0},
+        run={"num_rounds": 3},
+    )
+    sim = Simulation(config, verbose=False)
+    init = jax.device_get(sim.params)
+    history = sim.run()
+    final = jax.device_get(sim.params)
+    # The global prompt is the init; the factors moved.
+    np.testing.assert_array_equal(final["prompt"], init["prompt"])
+    assert not np.array_equal(final["q"]["b"], init["q"]["b"])
+    # Uploads are the factors only.
+    factor_bytes = sum(
+        x.size * x.dtype.itemsize for k, f in init.items() if k != "prompt" for x in f.values()
+    )
+    rounds = [h for h in history if "bytes_up" in h]
+    assert all(h["bytes_up"] == factor_bytes * h["participants"] for h in rounds)
+    # Sampled clients hold their own trained prompts; the others still hold the init.
+    prompts = np.asarray(sim.client_store.algorithm.personal[0])
+    assert prompts.shape == (config.data.num_clients, 3, config.model.hidden_size)
+    moved = [not np.array_equal(p, init["prompt"]) for p in prompts]
+    assert 0 < sum(moved) < len(moved)
+    trained = [p for p, m in zip(prompts, moved, strict=True) if m]
+    assert not np.array_equal(trained[0], trained[1])
+    last = history[-1]
+    assert np.isfinite(last["client/personal/loss_mean"])
+    for row, was_trained in zip(sim.client_results, moved, strict=True):
+        if not was_trained:  # never sampled: the global model exactly
+            assert row["personal_loss"] == pytest.approx(row["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["--algorithm.type", "personal_prompt", "--trainable.mode", "lora"], "lora_soft_prompt"),
+        (
+            ["--trainable.mode", "soft_prompt", "--trainable.lora_soft_prompt", "4"],
+            "needs trainable.mode=lora",
+        ),
+        (
+            ["--algorithm.type", "flexlora", "--trainable.mode", "lora"]
+            + ["--trainable.lora_soft_prompt", "4", "--system.tier_fractions", "[1.0]"]
+            + ["--system.tier_lora_ranks", "[8]"],
+            "takes no soft prompt",
+        ),
+    ],
+)
+def test_bad_personal_prompt_configs_fail_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

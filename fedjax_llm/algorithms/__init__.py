@@ -32,6 +32,7 @@ from fedjax_llm.algorithms.personalized import (
     make_fedper,
     make_fedsa_lora,
     make_partially_personal,
+    make_personal_prompt,
 )
 from fedjax_llm.algorithms.scaffold import make_scaffold
 from fedjax_llm.config import ConfigError, ExperimentConfig, register_algorithm_config
@@ -48,6 +49,7 @@ ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], str]] = {
     "fedprox": (lambda c, s, cfg: make_fedprox(c, s, cfg.algorithm.mu), "sgd"),
     "scaffold": (lambda c, s, cfg: make_scaffold(c, s), "sgd"),
     "fedsa_lora": (lambda c, s, cfg: make_fedsa_lora(c, s), "sgd"),
+    "personal_prompt": (lambda c, s, cfg: make_personal_prompt(c, s), "sgd"),
     "fedper": (
         lambda c, s, cfg: make_fedper(
             c,
@@ -156,6 +158,7 @@ __all__ = [
     "make_fedprox",
     "make_fedsa_lora",
     "make_partially_personal",
+    "make_personal_prompt",
     "make_scaffold",
     "register_algorithm",
     "server_optimizer_update",

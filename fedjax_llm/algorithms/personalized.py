@@ -5,6 +5,8 @@ trainable params lives in each client's state in the simulator's client store an
 the client; the *shared* rest is trained and aggregated as the wrapped algorithm does. Presets:
 
 - FedSA-LoRA (`make_fedsa_lora`): the LoRA ``a`` factors are shared, the ``b`` factors personal.
+- A personal soft prompt on a shared LoRA (`make_personal_prompt`): the soft prompt a LoRA
+  trainable holds with ``trainable.lora_soft_prompt`` is personal, the factors shared.
 - FedPer (`make_fedper`): the last N transformer layers (and optionally named modules) are
   personal. Layers are stacked along a leading layer axis (``nn.scan``), so personal-ness is per
   slice of a leaf: the selection returns a mask over that axis, not a yes/no per leaf.
@@ -46,6 +48,7 @@ import optax
 from fedjax_llm.algorithms.base import Algorithm
 from fedjax_llm.algorithms.fedavg import make_fedavg
 from fedjax_llm.config import ConfigError
+from fedjax_llm.models.trainable import PROMPT_KEY
 from kernels.pytree import PyTree
 
 LeafSelection = Callable[[str, Any], "bool | np.ndarray"]
@@ -365,6 +368,29 @@ def make_fedsa_lora(
     """
     return make_partially_personal(
         make_fedavg(client_optimizer, server_optimizer), FEDSA_LORA_PERSONAL, "fedsa_lora"
+    )
+
+
+def make_personal_prompt(
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+) -> Algorithm:
+    """Builds a personal soft prompt on a shared LoRA: FedAvg on the LoRA factors, each client's
+    soft prompt (``trainable.lora_soft_prompt``, under `PROMPT_KEY`) kept in its state.
+
+    Args:
+      client_optimizer: local optimizer (trains the factors and the client's prompt).
+      server_optimizer: server optimizer on the factors' pseudo-gradient.
+
+    Returns:
+      The `Algorithm` (see `make_partially_personal`).
+
+    References:
+      Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning" (soft
+      prompts); Pillutla et al. 2022, "Federated Learning with Partial Model Personalization".
+    """
+    return make_partially_personal(
+        make_fedavg(client_optimizer, server_optimizer), (PROMPT_KEY,), "personal_prompt"
     )
 
 

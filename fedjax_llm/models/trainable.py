@@ -20,6 +20,10 @@ from fedjax_llm.models.prefix import init_prefix
 from fedjax_llm.models.soft_prompt import PROMPT_INITS, init_soft_prompt
 
 TRAINABLE_MODES = ("full", "lora", "soft_prompt", "prefix")
+PROMPT_KEY = "prompt"
+"""Where a LoRA trainable holds its soft prompt (``lora_soft_prompt``)."""
+PROMPT_STREAM = 1000
+"""The ``fold_in`` of the LoRA init key that draws that soft prompt."""
 
 
 class Trainable(NamedTuple):
@@ -58,6 +62,7 @@ def make_trainable(
     lora_targets: Sequence[str] = ("q", "v"),
     num_virtual_tokens: int = 8,
     prompt_init: str = "vocab",
+    lora_soft_prompt: int = 0,
 ) -> Trainable:
     """Builds the `Trainable` for a mode.
 
@@ -71,7 +76,11 @@ def make_trainable(
       lora_alpha: LoRA alpha ('lora' only).
       lora_targets: Projections LoRA adapts, names from LORA_TARGETS ('lora' only).
       num_virtual_tokens: Soft prompt or prefix length P ('soft_prompt' / 'prefix' only).
-      prompt_init: Soft prompt init, one of PROMPT_INITS ('soft_prompt' only).
+      prompt_init: Soft prompt init, one of PROMPT_INITS ('soft_prompt', and the soft prompt
+        of ``lora_soft_prompt``).
+      lora_soft_prompt: 'lora' only: also train a soft prompt of this many virtual tokens,
+        held beside the factors under `PROMPT_KEY` (kept per client by the ``personal_prompt``
+        algorithm: a personal soft prompt on a shared LoRA); 0 trains none.
 
     Returns:
       The Trainable.
@@ -114,13 +123,32 @@ def make_trainable(
         if not isinstance(lora_rank, int) or lora_rank <= 0:
             raise ValueError(f"lora_rank must be a positive integer, got {lora_rank!r}.")
         scaling = lora_alpha / lora_rank
+        if not isinstance(lora_soft_prompt, int) or lora_soft_prompt < 0:
+            raise ValueError(
+                f"lora_soft_prompt must be a non-negative integer, got {lora_soft_prompt!r}."
+            )
+        if lora_soft_prompt and prompt_init not in PROMPT_INITS:
+            raise ValueError(f"Unknown prompt_init {prompt_init!r}; choose one of {PROMPT_INITS}.")
 
         def init(key: jax.Array, base_params: dict) -> Any:
-            del base_params
-            return init_lora(config, key, lora_rank, targets)
+            lora = init_lora(config, key, lora_rank, targets)
+            if lora_soft_prompt:
+                # Its own stream (LoRA's targets fold in their indices in LORA_TARGETS).
+                prompt_key = jax.random.fold_in(key, PROMPT_STREAM)
+                lora[PROMPT_KEY] = init_soft_prompt(
+                    config, base_params, prompt_key, lora_soft_prompt, prompt_init
+                )
+            return lora
 
         def model_inputs(frozen_params: Any, trainable: Any) -> tuple[dict, dict[str, Any]]:
-            return frozen_params, {"lora": trainable, "lora_scaling": scaling}
+            if PROMPT_KEY not in trainable:
+                return frozen_params, {"lora": trainable, "lora_scaling": scaling}
+            factors = {k: v for k, v in trainable.items() if k != PROMPT_KEY}
+            return frozen_params, {
+                "lora": factors,
+                "lora_scaling": scaling,
+                "prompt_embeddings": trainable[PROMPT_KEY],
+            }
 
     elif mode == "soft_prompt":
         if prompt_init not in PROMPT_INITS:
