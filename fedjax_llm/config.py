@@ -1444,13 +1444,16 @@ class ExperimentConfig:
                 f"algorithm.type={self.algorithm.name} aggregates LoRA adapters; it needs "
                 f"trainable.mode=lora (got {self.trainable.mode})."
             )
-        if type(self.algorithm).rank_tiers and (
-            self.privacy.level == "client" or self.secure_aggregation.enabled
+        if (
+            type(self.algorithm).rank_tiers
+            and not isinstance(self.algorithm, FFALoRAConfig)
+            and (self.privacy.level == "client" or self.secure_aggregation.enabled)
         ):
             raise ConfigError(
                 f"algorithm.type={self.algorithm.name} aggregates what the server computes from "
                 "each client's adapter (products, norm weights), which client-level DP's clip "
-                "and secure aggregation's masks do not cover; use fedavg with LoRA for those."
+                "and secure aggregation's masks do not cover; use ffa_lora (whose upload is "
+                "a plain average) or fedavg with LoRA for those."
             )
         if isinstance(self.algorithm, FLoRAConfig) and self.server.optimizer not in (None, "sgd"):
             raise ConfigError(
@@ -1626,6 +1629,18 @@ class ExperimentConfig:
                     f"client (hetlora, flexlora, flora, ffa_lora); algorithm.type="
                     f"{self.algorithm.name} would ignore the ranks.",
                 )
+            hidden = self.privacy.level == "client" or self.secure_aggregation.enabled
+            if isinstance(self.algorithm, FFALoRAConfig) and hidden:
+                fractions = system.tier_fractions or (1.0,) * len(ranks)
+                held = max(r for r, f in zip(ranks, fractions, strict=False) if f > 0)
+                if held < top:
+                    raise _FieldError(
+                        "system.tier_lora_ranks",
+                        f"with client-level DP or secure aggregation, ffa_lora divides each "
+                        f"rank component by the expected share of clients holding it, but no "
+                        f"tier holds components {held} to {top - 1}; lower trainable.lora_rank "
+                        f"to {held}.",
+                    )
         s = self.sampling
         if s.availability_period and s.kind != "availability":
             raise _FieldError(

@@ -18,6 +18,7 @@ from fedjax_llm.algorithms import make_ffa_lora, make_flexlora, make_flora, make
 from fedjax_llm.algorithms.hetero_lora import (
     aggregation_error,
     error_diagnostics,
+    holder_shares,
     merge_into_base,
     stack_lora,
     svd_factors,
@@ -227,6 +228,34 @@ def test_hetlora_self_pruning_drops_a_weak_last_component():
     np.testing.assert_allclose(again["a"][..., ranks[c] - 1 :], 0.0, atol=1e-6)
 
 
+def test_ffa_lora_with_fixed_holder_shares_sends_b_alone_and_divides_by_the_shares():
+    """Clients 0 (rank 1) and 2 (rank 4), equal sizes: component 0 is held by both (share 1),
+    components 1-3 by half (share 0.5), so dividing by these fixed shares gives the same
+    adapter as dividing by the flags the clients send; the message has no flags."""
+    shares = holder_shares(R, (1, 4), (0.5, 0.5))
+    assert shares == (1.0, 0.5, 0.5, 0.5)
+    fixed = make_ffa_lora(sgd(), optax.sgd(1.0), shares)
+    flagged = make_ffa_lora(sgd(), optax.sgd(1.0))
+    state, out = run(fixed, (0, 2))
+    want = run(flagged, (0, 2))[0].server.params["q"]
+    np.testing.assert_allclose(state.server.params["q"]["b"], want["b"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(state.server.params["q"]["a"], want["a"])
+    assert float(out.pipeline["lora/aggregation_error"]) == 0.0
+    # A component held by a quarter of the clients is scaled up fourfold.
+    quarter = make_ffa_lora(sgd(), optax.sgd(1.0), (1.0, 0.5, 0.5, 0.25))
+    b = run(quarter, (0, 2))[0].server.params["q"]["b"]
+    _, _, params = problem()
+    b0 = np.asarray(params["q"]["b"])
+    np.testing.assert_allclose(b[:, 3] - b0[:, 3], 2 * (want["b"][:, 3] - b0[:, 3]), rtol=1e-5)
+
+
+def test_holder_shares_by_hand():
+    assert holder_shares(3, (), ()) == (1.0, 1.0, 1.0)
+    assert holder_shares(4, (2, 4, 1), (0.5, 0.25, 0.25)) == pytest.approx((1.0, 0.75, 0.25, 0.25))
+    with pytest.raises(ValueError, match="components 2 to 3"):
+        holder_shares(4, (1, 2), (0.5, 0.5))
+
+
 def test_flexlora_global_adapter_is_the_rank_r_svd_of_the_clients_mean_product():
     """Server sgd(1.0): the new product is the best rank-R approximation of the clients'
     weighted mean product; each client's product comes from a single-client round (whose
@@ -285,8 +314,10 @@ def test_each_method_learns_with_rank_tiers(make_config, algorithm):
     rounds = [h for h in history if "train_loss" in h]
     assert rounds[-1]["train_loss"] < rounds[0]["train_loss"]
     assert history[-1]["eval/loss"] < history[0]["eval/loss"]
-    # Clients send their factors' change (FFA-LoRA: and R flags), never full-size products.
-    per_client = 4 * values + (4 * 4 if algorithm == "ffa_lora" else 0)
+    # Clients send their factors' change (FFA-LoRA: b's alone and R flags), never full-size
+    # products.
+    b_values = sum(f["b"].size for f in sim.params.values())
+    per_client = 4 * values if algorithm != "ffa_lora" else 4 * b_values + 4 * 4
     assert all(h["bytes_up"] == per_client * h["participants"] for h in rounds)
     errors = [h["pipeline/lora/aggregation_error"] for h in rounds]
     assert all(np.isfinite(errors))
@@ -319,4 +350,51 @@ def test_rank_aggregations_refuse_client_dp_and_secure_aggregation(make_config, 
         **overrides,
     )
     with pytest.raises(ConfigError, match="flexlora"):
+        config.validate()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"privacy": {"level": "client", "noise_multiplier": 1.0, "clip_norm": 0.05}},
+        {"secure_aggregation": {"enabled": True, "clip_norm": 1.0}},
+    ],
+)
+def test_ffa_lora_runs_under_client_dp_and_secure_aggregation(make_config, overrides):
+    """FFA-LoRA's upload is a plain average of b's change, so DP clips and noises it and secure
+    aggregation masks it; a stays exactly at its init and the message has no flags."""
+    config = make_config(
+        trainable={"mode": "lora", "lora_rank": 4, "lora_targets": ("q", "v")},
+        algorithm={"type": "ffa_lora"},
+        system={"tier_fractions": (0.5, 0.5), "tier_lora_ranks": (2, 4)},
+        sampling={"kind": "poisson"},
+        run={"num_rounds": 2},
+        eval={"every": 0},
+        **overrides,
+    )
+    sim = Simulation(config, verbose=False)
+    before = jax.tree.map(np.asarray, sim.params)
+    b_values = sum(f["b"].size for f in sim.params.values())
+    history = sim.run()
+    rounds = [h for h in history if "train_loss" in h]
+    for target, f in sim.params.items():
+        np.testing.assert_array_equal(f["a"], before[target]["a"])
+        assert not np.allclose(f["b"], before[target]["b"])
+    if "privacy" in overrides:
+        assert history[-1]["privacy/epsilon"] > 0
+        assert all(h["pipeline/clip/clipped"] == h["participants"] for h in rounds)
+        assert all(h["bytes_up"] == 4 * b_values * h["participants"] for h in rounds)
+    else:
+        assert all(h["pipeline/secagg/summed"] == h["participants"] for h in rounds)
+
+
+def test_ffa_lora_under_dp_needs_every_rank_component_held(make_config):
+    config = make_config(
+        trainable={"mode": "lora", "lora_rank": 4},
+        algorithm={"type": "ffa_lora"},
+        system={"tier_fractions": (0.5, 0.5), "tier_lora_ranks": (1, 2)},
+        sampling={"kind": "poisson"},
+        privacy={"level": "client", "noise_multiplier": 1.0},
+    )
+    with pytest.raises(ConfigError, match="lower trainable.lora_rank to 2"):
         config.validate()

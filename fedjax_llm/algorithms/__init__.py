@@ -23,6 +23,7 @@ from fedjax_llm.algorithms.fedavg import make_fedavg
 from fedjax_llm.algorithms.fednova import make_fednova
 from fedjax_llm.algorithms.fedprox import make_fedprox
 from fedjax_llm.algorithms.hetero_lora import (
+    holder_shares,
     make_ffa_lora,
     make_flexlora,
     make_flora,
@@ -72,7 +73,7 @@ ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], str]] = {
         lambda c, s, cfg: make_flora(c, cfg.trainable.lora_alpha / cfg.trainable.lora_rank),
         "sgd",
     ),
-    "ffa_lora": (lambda c, s, cfg: make_ffa_lora(c, s), "sgd"),
+    "ffa_lora": (lambda c, s, cfg: make_ffa_lora(c, s, ffa_holder_shares(cfg)), "sgd"),
     "fednova": (
         lambda c, s, cfg: make_fednova(
             c, s, cfg.client.momentum if cfg.client.optimizer == "momentum" else 0.0
@@ -80,6 +81,18 @@ ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], str]] = {
         "sgd",
     ),
 }
+
+
+def ffa_holder_shares(config: ExperimentConfig) -> tuple[float, ...] | None:
+    """FFA-LoRA's fixed holder shares where client-level DP or secure aggregation hides who
+    sent what (`make_ffa_lora`); None otherwise (the clients send their flags)."""
+    if config.privacy.level != "client" and not config.secure_aggregation.enabled:
+        return None
+    return holder_shares(
+        config.trainable.lora_rank,
+        config.system.tier_lora_ranks,
+        config.system.tier_fractions,
+    )
 
 
 def register_algorithm(

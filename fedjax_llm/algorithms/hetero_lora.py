@@ -34,14 +34,18 @@ The four published ways to aggregate adapters of different ranks (trainable para
   each rank component of ``b`` is averaged over the clients that train it.
 
 Each client sends only its adapter's change (zero-padded to the compiled maximum rank R, which
-is what ``bytes_up`` counts; FFA-LoRA adds the R flags of the components it holds). What the
-server computes from a delivered message before aggregating it is the algorithm's
+is what ``bytes_up`` counts; FFA-LoRA sends only ``b``'s change and the R flags of the
+components it holds, no flags under client-level DP or secure aggregation, where the server
+divides by the expected holders instead).
+What the server computes from a delivered message before aggregating it is the algorithm's
 `Algorithm.expand_upload` (FlexLoRA's and FLoRA's full-size products, HetLoRA's sparsity
-weight), so a compressed message is expanded after decompression, as in deployment.
+weight), so a compressed message is expanded after decompression, as in deployment. FFA-LoRA
+expands nothing: its message is a FedAvg upload, which is why it is the one of the four that
+client-level DP and secure aggregation can cover (the paper's point).
 
 Every one of them reports ``lora/aggregation_error``: the relative Frobenius error
 ``||mean(a) mean(b) - mean(a b)|| / ||mean(a b)||`` that averaging the factors separately
-would make on this round's client adapters (0 for FFA-LoRA), computed by the server from the
+would make on this round's client adapters (exactly 0 for FFA-LoRA), computed by the server from the
 messages: each client's factors and ``a_i (b_i Z)`` for a fixed probe matrix ``Z`` (the identity
 when d_out <= `ERROR_PROBES`, which makes the error exact; otherwise a Gaussian sketch of
 `ERROR_PROBES` columns, an unbiased estimate of the squared norms).
@@ -382,49 +386,107 @@ def make_hetlora(
 def make_ffa_lora(
     client_optimizer: optax.GradientTransformation,
     server_optimizer: optax.GradientTransformation,
+    holder_shares: tuple[float, ...] | None = None,
 ) -> Algorithm:
     """Builds FFA-LoRA (Sun et al. 2024): ``a`` frozen at its shared init, ``b`` trained at the
-    client's rank and averaged (FedAvg on ``b``; ``mean(b) a = mean(b a)`` exactly).
+    client's rank and averaged (FedAvg on ``b``; ``mean(b) a = mean(b a)`` exactly, so
+    ``lora/aggregation_error`` is exactly 0).
+
+    Each rank component of ``b`` is averaged over the clients that hold it. By default the
+    message carries the R flags of the components the client holds and the server divides by
+    the holders' share of the round's weight. With ``holder_shares`` (what client-level DP and
+    secure aggregation need, which hide or fix who sent what) the message is the change of
+    ``b`` alone, a plain FedAvg upload that DP clips and noises and secure aggregation masks
+    like any other, and component j is divided by the fixed ``holder_shares[j]``, the expected
+    share of the cohort holding it (the paper's DP setting: with every client at the maximum
+    rank, all shares are 1 and this is DP-FedAvg on ``b``).
+
+    Args:
+      client_optimizer: the clients' optimizer.
+      server_optimizer: the server's optimizer.
+      holder_shares: None, or for each rank component (R of them) the expected share, in
+        (0, 1], of the clients that hold it.
 
     Returns:
       The `Algorithm`.
     """
-
-    return _factor_mean_algorithm(client_optimizer, server_optimizer, tier_rank, frozen_a=True)
-
-
-def _factor_mean_algorithm(client_optimizer, server_optimizer, rank_of, frozen_a):
-    client_init, client_step = _masked_training(client_optimizer, rank_of, frozen_a=frozen_a)
+    if holder_shares is not None and not all(0 < s <= 1 for s in holder_shares):
+        raise ValueError(f"holder shares must be in (0, 1], got {list(holder_shares)}.")
 
     def client_final(broadcast, state, client_state, hparams):
         hparams = with_client_rank(hparams, broadcast.params)
-        rank = rank_of(client_state, hparams)
-        # Only the components the client trained: the others are not its to change.
-        delta = truncate(tree_sub(state.params, broadcast.params), rank)
+        rank = tier_rank(client_state, hparams)
+        # Only the components of b the client trained (a is frozen: nothing of it is sent).
+        trained = truncate(tree_sub(state.params, broadcast.params), rank)
+        delta = {t: {"b": f["b"]} for t, f in trained.items()}
+        if holder_shares is not None:
+            return ClientOutput(delta), client_state
         # The message: the trained components' change and which components the client holds.
         holds = (jnp.arange(max_rank(state.params)) < rank).astype(jnp.float32)
         return ClientOutput(delta, {"holds": holds}), client_state
-
-    def expand_upload(broadcast, upload):
-        holds = upload.extra["holds"]
-        adapter = {
-            t: {"a": f["a"], "b": f["b"] * holds[None, :, None]}
-            for t, f in jax.tree.map(jnp.add, broadcast.params, upload.delta).items()
-        }
-        return upload._replace(extra={"holds": holds, "diagnostics": error_diagnostics(adapter)})
 
     def server_update(server_state, mean_output, round_info, key):
         del key
         # Each rank component is averaged over the clients that hold it (weights of the rest
         # removed): the weighted mean of the uploads divided by the holders' share of weight.
-        share = jnp.maximum(mean_output.extra["holds"], 1e-12)
+        if holder_shares is None:
+            share = jnp.maximum(mean_output.extra["holds"], 1e-12)
+        else:
+            share = jnp.asarray(holder_shares, jnp.float32)
+            if share.shape[0] != max_rank(server_state.params):
+                raise ValueError(
+                    f"{share.shape[0]} holder shares for LoRA rank {max_rank(server_state.params)}."
+                )
         mean_delta = {
-            t: {"a": f["a"] / share[None, None, :], "b": f["b"] / share[None, :, None]}
-            for t, f in mean_output.delta.items()
+            t: {"a": jnp.zeros_like(f["a"]), "b": mean_output.delta[t]["b"] / share[None, :, None]}
+            for t, f in server_state.params.items()
         }
         lr = None if round_info.hparams is None else round_info.hparams.server_lr
         return server_optimizer_update(server_optimizer, server_state, mean_delta, lr)
 
+    # ``a`` is shared and frozen, so averaging ``b`` is exact: the error is 0 by construction.
+    return _rank_masked(
+        client_optimizer, server_optimizer, True, client_final, server_update
+    )._replace(server_metrics=lambda s, mean, info: {"lora/aggregation_error": jnp.float32(0)})
+
+
+def holder_shares(rank: int, tier_ranks: tuple[int, ...], tier_fractions: tuple[float, ...]):
+    """The expected share of clients holding each of ``rank`` LoRA components: component j is
+    held by the tiers whose rank exceeds j (every client holds all when no tiers are given).
+
+    Args:
+      rank: the compiled maximum rank R.
+      tier_ranks: each tier's rank (``system.tier_lora_ranks``; empty: all at R).
+      tier_fractions: each tier's share of the clients (empty: one tier).
+
+    Returns:
+      R floats in (0, 1].
+
+    Raises:
+      ValueError: if some component is held by no tier (no client could ever train it).
+    """
+    if not tier_ranks:
+        return (1.0,) * rank
+    fractions = tier_fractions or (1.0,) * len(tier_ranks)
+    total = float(sum(fractions))
+    shares = tuple(
+        sum(f for r, f in zip(tier_ranks, fractions, strict=True) if r > j) / total
+        for j in range(rank)
+    )
+    if min(shares) <= 0:
+        top = max(r for r, f in zip(tier_ranks, fractions, strict=True) if f > 0)
+        raise ValueError(
+            f"no tier holds LoRA components {top} to {rank - 1} (the highest rank held is "
+            f"{top}, the compiled rank {rank}); lower trainable.lora_rank to {top}."
+        )
+    return shares
+
+
+def _rank_masked(
+    client_optimizer, server_optimizer, frozen_a, client_final, server_update
+) -> Algorithm:
+    """The parts the four share: rank-masked local training from the global adapter."""
+    client_init, client_step = _masked_training(client_optimizer, tier_rank, frozen_a=frozen_a)
     return Algorithm(
         server_init=lambda params: ServerState(params, server_optimizer.init(params)),
         server_params=lambda s: s.params,
@@ -435,7 +497,6 @@ def _factor_mean_algorithm(client_optimizer, server_optimizer, rank_of, frozen_a
         client_final=client_final,
         server_update=server_update,
         server_metrics=_error_metric,
-        expand_upload=expand_upload,
     )
 
 
@@ -457,8 +518,6 @@ def make_flexlora(
     Returns:
       The `Algorithm`; its server optimizer state lives in product space.
     """
-
-    base = _factor_mean_algorithm(client_optimizer, server_optimizer, tier_rank, frozen_a=False)
 
     def client_final(broadcast, state, client_state, hparams):
         rank = tier_rank(client_state, with_client_rank(hparams, broadcast.params))
@@ -485,12 +544,9 @@ def make_flexlora(
         factors = svd_factors(stepped.params, max_rank(server_state.params))
         return ServerState(factors, stepped.opt_state)
 
-    return base._replace(
-        server_init=server_init,
-        client_final=client_final,
-        server_update=server_update,
-        expand_upload=expand_upload,
-    )
+    return _rank_masked(
+        client_optimizer, server_optimizer, False, client_final, server_update
+    )._replace(server_init=server_init, expand_upload=expand_upload)
 
 
 # ----------------------------------------------------------------------------------- FLoRA
@@ -533,8 +589,6 @@ def make_flora(
       The `Algorithm`; its server state (`FLoRAServerState`) holds the merged base.
     """
 
-    base = _factor_mean_algorithm(client_optimizer, optax.sgd(1.0), tier_rank, frozen_a=False)
-
     def client_final(broadcast, state, client_state, hparams):
         rank = tier_rank(client_state, with_client_rank(hparams, broadcast.params))
         # The message: the client's rank-r adapter as a change from the fresh one.
@@ -557,10 +611,6 @@ def make_flora(
         adapter = fresh_adapter(server_state.params, key)
         return FLoRAServerState(adapter, merged)
 
-    return base._replace(
-        server_init=server_init,
-        client_final=client_final,
-        server_update=server_update,
-        server_frozen=lambda s: s.base,
-        expand_upload=expand_upload,
-    )
+    return _rank_masked(
+        client_optimizer, optax.sgd(1.0), False, client_final, server_update
+    )._replace(server_init=server_init, server_frozen=lambda s: s.base, expand_upload=expand_upload)
