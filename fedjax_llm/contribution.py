@@ -534,6 +534,8 @@ class ContributionScoring:
       num_permutations: Shapley permutations per round (0: no Shapley values).
       truncation: GTG-Shapley's relative tolerance.
       batch_size: rows per evaluation call (see `make_contribution_scorer`).
+      params_delta: the algorithm's `fedjax_llm.algorithms.Algorithm.params_delta` (the
+        params-shaped change an aggregated upload stands for); None: the uploads' ``delta``.
     """
 
     def __init__(
@@ -543,12 +545,21 @@ class ContributionScoring:
         num_permutations: int,
         truncation: float,
         batch_size: int | None = None,
+        params_delta: Callable | None = None,
     ):
         self.eval_batch = {k: jnp.asarray(v) for k, v in eval_batch.items()}
         self.num_permutations = num_permutations
         self.truncation = jnp.asarray(truncation, jnp.float32)
         self.scorer = make_contribution_scorer(objective, batch_size)
         self._permutations = jax.jit(guided_permutations, static_argnums=3)
+        if params_delta is None:
+            params_delta = lambda params, upload: upload.delta  # noqa: E731
+        self._changes = jax.jit(
+            lambda params, uploads, aggregate: (
+                jax.vmap(params_delta, in_axes=(None, 0))(params, uploads),
+                params_delta(params, aggregate),
+            )
+        )
 
     def score(
         self,
@@ -572,12 +583,13 @@ class ContributionScoring:
         ids = jnp.arange(weights.shape[0], dtype=jnp.int32) if ids is None else ids
         key = jax.random.fold_in(jax.random.clone(round_key), CONTRIBUTION_STREAM)
         order = self._permutations(key, weights > 0, ids, self.num_permutations)
+        deltas, aggregate = self._changes(params_before, record.uploads, record.aggregate)
         scores = self.scorer(
             frozen,
             params_before,
-            record.uploads.delta,
+            deltas,
             weights,
-            record.aggregate.delta,
+            aggregate,
             self.eval_batch,
             order,
             jnp.asarray(server_lr, jnp.float32),

@@ -140,6 +140,7 @@ from fedjax_llm.round import (
     LocalSchedule,
     RoundOutput,
     RoundState,
+    aggregate_shape,
     init_round_state,
     make_round_fn,
     make_sequential_round,
@@ -764,11 +765,12 @@ class Simulation:
                 f"contribution.enabled measures the held-out loss on a fixed base, but "
                 f"algorithm.type={name} changes the base every round; turn one of them off."
             )
-        if self.algorithm.expand_upload is not None:
+        to_params = self.algorithm.params_delta
+        if self.algorithm.expand_upload is not None and to_params is None:
             raise ConfigError(
                 f"contribution.enabled scores each upload as a step of the global params, but "
                 f"algorithm.type={name} aggregates what the server computes from the uploads "
-                "(products, weighted adapters); turn one of them off."
+                "(full-size products), which is no step of the adapter; turn one of them off."
             )
         one = jax.tree.map(lambda x: x[0], self.state.clients.algorithm)
         like = upload_shape(
@@ -780,6 +782,9 @@ class Simulation:
         )
         params = self.algorithm.server_params(self.state.server)
         delta = getattr(like, "delta", None)
+        if delta is not None and to_params is not None:
+            expanded = aggregate_shape(self.algorithm, self.state.server, like)
+            delta = jax.eval_shape(to_params, params, expanded)
         if (
             delta is None
             or jax.tree.structure(delta) != jax.tree.structure(params)
@@ -811,6 +816,7 @@ class Simulation:
             c.shapley_permutations,
             c.truncation,
             batch_size=self.config.eval.batch_size,
+            params_delta=to_params,
         )
 
     # ----------------------------------------------------------------------------- state

@@ -483,7 +483,6 @@ def test_scores_are_refused_where_they_would_reveal_what_is_hidden(make_config, 
 @pytest.mark.parametrize(
     "algorithm,message",
     [
-        ("fedsa_lora", "uploads something shaped"),
         ("flora", "changes the base"),
         ("flexlora", "computes from the uploads"),
     ],
@@ -498,6 +497,62 @@ def test_scores_are_refused_for_uploads_that_are_not_a_step_of_the_params(
     )
     with pytest.raises(ConfigError, match=message):
         Simulation(config, verbose=False)
+
+
+@pytest.mark.parametrize(
+    "algorithm,sections",
+    [
+        ({"type": "fedper", "personal_layers": 1}, {"model": {"num_layers": 2}}),
+        ({"type": "personal_prompt"}, {"trainable": {"lora_soft_prompt": 2}}),
+        ({"type": "ffa_lora"}, {}),
+    ],
+)
+def test_scores_of_uploads_that_stand_for_a_params_change_step_like_the_server(
+    make_config, algorithm, sections
+):
+    """A personal part left out of the upload (FedPer, a personal prompt) or FFA-LoRA's b alone:
+    the scores step the global params by what each upload stands for (`params_delta`). With a
+    plain SGD server that is exactly the server's step, so the held-out loss the scorer sees
+    after round 1 is the loss it sees before round 2 (the same params)."""
+    trainable = {"mode": "lora", "lora_rank": 2, "lora_targets": ("q", "v")}
+    trainable.update(sections.pop("trainable", {}))
+    config = fast_config(
+        make_config,
+        trainable=trainable,
+        algorithm=algorithm,
+        contribution={"shapley_permutations": 2},
+        client={"lr": 0.05},
+        run={"num_rounds": 2},
+        eval={"every": 0},
+        **sections,
+    )
+    history = Simulation(config, verbose=False).run()
+    first, second = (h for h in history if "contribution/loss_after" in h)
+    assert first["contribution/loss_after"] != pytest.approx(first["contribution/loss_before"])
+    assert second["contribution/loss_before"] == pytest.approx(
+        first["contribution/loss_after"], rel=1e-5
+    )
+    lines = read_jsonl(os.path.join(config.run.output_dir, CONTRIBUTIONS))
+    assert len(lines) == 16 and all(np.isfinite(r["loo"]) for r in lines)
+    assert any(r["cosine"] != 0 for r in lines)
+
+
+def test_hetlora_scores_each_client_by_its_own_adapter_change(make_config):
+    """HetLoRA uploads its change times its norm weight; the scores divide the weight out."""
+    config = fast_config(
+        make_config,
+        trainable={"mode": "lora", "lora_rank": 4, "lora_targets": ("q", "v")},
+        algorithm={"type": "hetlora"},
+        system={"tier_fractions": (0.5, 0.5), "tier_lora_ranks": (2, 4)},
+        contribution={"shapley_permutations": 2},
+        run={"num_rounds": 1},
+        eval={"every": 0},
+    )
+    Simulation(config, verbose=False).run()
+    lines = read_jsonl(os.path.join(config.run.output_dir, CONTRIBUTIONS))
+    cosines = np.array([r["cosine"] for r in lines])
+    # Each client's change is a rescaled piece of the aggregate: cosines are real cosines.
+    assert np.all(np.abs(cosines) <= 1 + 1e-6) and np.all(cosines > 0)
 
 
 def test_totals_sum_the_counted_rounds_and_rank_by_shapley():

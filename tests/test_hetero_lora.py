@@ -7,6 +7,7 @@ d_out]}}``), so every expectation is a few lines of numpy.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 
 from fedjax_llm import ConfigError, Simulation
 from fedjax_llm.algorithms import make_ffa_lora, make_flexlora, make_flora, make_hetlora
+from fedjax_llm.algorithms.base import Broadcast, ClientOutput, RoundInfo
 from fedjax_llm.algorithms.hetero_lora import (
     aggregation_error,
     error_diagnostics,
@@ -247,6 +249,43 @@ def test_ffa_lora_with_fixed_holder_shares_sends_b_alone_and_divides_by_the_shar
     _, _, params = problem()
     b0 = np.asarray(params["q"]["b"])
     np.testing.assert_allclose(b[:, 3] - b0[:, 3], 2 * (want["b"][:, 3] - b0[:, 3]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hetlora", "ffa_lora"])
+def test_params_delta_of_an_aggregate_is_the_servers_sgd_step(name):
+    """What contribution scores step by: for one expanded upload, its own adapter change; for
+    the weighted mean of uploads, exactly the change a plain SGD server makes."""
+    algorithm = {"hetlora": make_hetlora, "ffa_lora": make_ffa_lora}[name](sgd(), optax.sgd(1.0))
+    _, _, params = problem()
+    rng = np.random.default_rng(3)
+    changes = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)]
+    changes.append(jax.tree.map(lambda x: 0.3 * x, changes[0]))
+    changes.append(jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params))
+    if name == "ffa_lora":  # its message: b's change and the flags (every component held)
+        messages = [
+            ClientOutput({t: {"b": f["b"]} for t, f in c.items()}, {"holds": jnp.ones(R)})
+            for c in changes
+        ]
+        changes = [{t: {"a": 0 * f["a"], "b": f["b"]} for t, f in c.items()} for c in changes]
+    else:
+        messages = [ClientOutput(c) for c in changes]
+    expand = algorithm.expand_upload or (lambda b, u: u)
+    uploads = [expand(Broadcast(params), m) for m in messages]
+    for upload, change in zip(uploads, changes, strict=True):
+        chex.assert_trees_all_close(algorithm.params_delta(params, upload), change, rtol=1e-5)
+    weights = np.array([1.0, 2.0, 3.0])
+    mean = jax.tree.map(
+        lambda *x: sum(w * v for w, v in zip(weights, x, strict=True)) / weights.sum(), *uploads
+    )
+    state = algorithm.server_init(params)
+    info = RoundInfo(jnp.float32(3), M)
+    new = algorithm.server_params(algorithm.server_update(state, mean, info, jax.random.key(0)))
+    chex.assert_trees_all_close(
+        algorithm.params_delta(params, mean),
+        jax.tree.map(jnp.subtract, new, params),
+        rtol=1e-4,
+        atol=1e-6,
+    )
 
 
 def test_holder_shares_by_hand():

@@ -124,6 +124,12 @@ class Algorithm(NamedTuple):
         params``, the client's own params from the global params and its state in the client
         store (no client axis). The personalized evaluation evaluates each client with it on
         its own held-out data. None (the default): the algorithm is not personalized.
+      params_delta: ``(params, upload) -> params-shaped change``: the change of the global
+        params (``params``, the current ones) that one upload as the server aggregates it
+        (after ``expand_upload``) stands for, before the server optimizer, for algorithms whose
+        upload is not such a ``delta`` (a personal part left out, FFA-LoRA's ``b`` alone,
+        HetLoRA's norm-weighted change). Client contribution scores step the global params by
+        the weighted mean of these. None (the default): the upload's ``delta``.
     """
 
     server_init: Callable
@@ -139,6 +145,7 @@ class Algorithm(NamedTuple):
     server_metrics: Callable | None = None
     expand_upload: Callable | None = None
     personal_params: Callable | None = None
+    params_delta: Callable | None = None
 
 
 class Broadcast(NamedTuple):

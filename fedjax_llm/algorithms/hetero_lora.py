@@ -379,6 +379,10 @@ def make_hetlora(
         hyperparams={"hetlora_lambda": float(prune_lambda)} if prune_lambda else {},
         server_metrics=_error_metric,
         expand_upload=expand_upload,
+        # One upload stands for its own adapter's change (its norm weight divided out).
+        params_delta=lambda params, upload: jax.tree.map(
+            lambda d: d / jnp.maximum(upload.extra["norm"], 1e-12), upload.delta
+        ),
     )
 
 
@@ -447,7 +451,12 @@ def make_ffa_lora(
     # ``a`` is shared and frozen, so averaging ``b`` is exact: the error is 0 by construction.
     return _rank_masked(
         client_optimizer, server_optimizer, True, client_final, server_update
-    )._replace(server_metrics=lambda s, mean, info: {"lora/aggregation_error": jnp.float32(0)})
+    )._replace(
+        server_metrics=lambda s, mean, info: {"lora/aggregation_error": jnp.float32(0)},
+        params_delta=lambda params, upload: {
+            t: {"a": jnp.zeros_like(f["a"]), "b": upload.delta[t]["b"]} for t, f in params.items()
+        },
+    )
 
 
 def holder_shares(rank: int, tier_ranks: tuple[int, ...], tier_fractions: tuple[float, ...]):

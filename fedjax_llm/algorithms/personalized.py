@@ -270,10 +270,7 @@ def make_partially_personal(
         return output._replace(delta=shared_delta), PersonalClientState(trained_personal, inner)
 
     def full_aggregate(server_state, aggregate):
-        params = base.server_params(server_state)
-        lay = layout(params)
-        zeros = tuple(jnp.zeros_like(p) for p in _split(lay, params)[1])
-        return aggregate._replace(delta=_merge(lay, aggregate.delta, zeros))
+        return aggregate._replace(delta=params_delta(base.server_params(server_state), aggregate))
 
     def server_update(server_state, aggregate, round_info, key):
         full = full_aggregate(server_state, aggregate)
@@ -285,6 +282,12 @@ def make_partially_personal(
         def server_metrics(server_state, aggregate, round_info):
             full = full_aggregate(server_state, aggregate)
             return base.server_metrics(server_state, full, round_info)
+
+    def params_delta(params, upload):
+        # The shared part's change, and no change of the personal part.
+        lay = layout(params)
+        zeros = tuple(jnp.zeros_like(p) for p in _split(lay, params)[1])
+        return _merge(lay, upload.delta, zeros)
 
     def personal_params(global_params, client_state):
         lay = layout(global_params)
@@ -299,6 +302,7 @@ def make_partially_personal(
         server_update=server_update,
         server_metrics=server_metrics,
         personal_params=personal_params,
+        params_delta=params_delta,
     )
 
 
