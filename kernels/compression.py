@@ -35,6 +35,7 @@ from fractions import Fraction
 import jax
 import jax.numpy as jnp
 
+from kernels.ordering import after
 from kernels.pytree import PyTree
 
 VALUE_BYTES = 4
@@ -330,15 +331,16 @@ def low_rank(tree: PyTree, rank: int, key: jax.Array) -> tuple[PyTree, int]:
         q = jnp.matmul(matrix.T, p, precision=highest)
         return jnp.matmul(p, q.T, precision=highest)
 
-    out = []
+    out, previous = [], None
     for i, x in enumerate(leaves):
         found = _low_rank_shape(tuple(x.shape), rank)
         if found is None:
             out.append(x)
             continue
         batch, m, n = found
-        mats = x.astype(jnp.float32).reshape(batch, m, n)
+        # One leaf's QR at a time: two in flight at once can hang XLA:CPU (`kernels.ordering`).
+        mats = after(x.astype(jnp.float32).reshape(batch, m, n), previous)
         q0 = jax.random.normal(jax.random.fold_in(key, i), (batch, n, rank), jnp.float32)
-        approx = jax.vmap(one_matrix)(mats, q0)
+        approx = previous = jax.vmap(one_matrix)(mats, q0)
         out.append(approx.reshape(x.shape).astype(x.dtype))
     return jax.tree.unflatten(treedef, out), nbytes

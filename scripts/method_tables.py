@@ -3,6 +3,7 @@
 Usage:
   python scripts/method_tables.py methods       # one row per method family (configs/lora.yaml)
   python scripts/method_tables.py compression   # compressors: bytes sent against final loss
+  python scripts/method_tables.py smollm2 --rounds 5   # the families on SmolLM2-135M-Instruct
   python scripts/method_tables.py methods --rounds 10 --out /tmp/methods.json
 
 Every variant is configs/lora.yaml (LoRA r=8 on q, v of the tiny model; 64 clients on a
@@ -52,6 +53,34 @@ METHOD_VARIANTS = {
     ],
 }
 
+SMOLLM2 = os.path.join(ROOT, "configs", "smollm2_lora_instruct.yaml")
+# The same families on SmolLM2-135M-Instruct (LoRA r=8 on q, k, v, o; one client per user of
+# the example instructions), on a 600-record subset so that each variant's evaluations (global,
+# per client and personal, with greedy decoding) take about a minute on a CPU.
+SMOLLM2_SETTINGS = [
+    "data.max_examples=600",
+    "eval.per_client=true",
+    "eval.max_new_tokens=8",
+    "run.num_clients_per_round=8",
+]
+SMOLLM2_VARIANTS = {
+    "FedAvg (rank 8)": [],
+    "HetLoRA, ranks 2/4/8": ["algorithm.type=hetlora", *RANK_TIERS],
+    "FlexLoRA, ranks 2/4/8": ["algorithm.type=flexlora", *RANK_TIERS],
+    "FLoRA, ranks 2/4/8": ["algorithm.type=flora", *RANK_TIERS],
+    "FFA-LoRA, ranks 2/4/8": ["algorithm.type=ffa_lora", *RANK_TIERS],
+    "FedSA-LoRA (B personal)": ["algorithm.type=fedsa_lora"],
+    "personal soft prompt (4 tokens) on shared LoRA": [
+        "algorithm.type=personal_prompt",
+        "trainable.lora_soft_prompt=4",
+    ],
+    "top-k 10% + error feedback": ["aggregation.transforms=[topk]"],
+    "QSGD 4 bits + error feedback": [
+        "aggregation.transforms=[qsgd]",
+        "aggregation.quantization_bits=4",
+    ],
+}
+
 COMPRESSION_VARIANTS = {
     "dense": [],
     "top-k 30%": ["aggregation.transforms=[topk]", "aggregation.compression_ratio=0.3"],
@@ -80,20 +109,29 @@ def _with_megabytes(rows: list[dict]) -> None:
         row["mb_down"] = row["bytes_down"] / 1e6
 
 
+METHOD_COLUMNS = {
+    "name": "method",
+    "eval_loss": "eval loss",
+    "exact_match": "exact match",
+    "client_loss_mean": "client loss (global model)",
+    "personal_loss_mean": "client loss (personal)",
+    "mb_up": "MB up",
+    "median_round_time_s": "median round (s)",
+}
+
+
 def methods_table(args) -> tuple[list[dict], str]:
     variants = {name: [*o, *QUIET] for name, o in METHOD_VARIANTS.items()}
     rows = run_variants(BASE, shortened(variants, args.rounds), args.runs)
     _with_megabytes(rows)
-    columns = {
-        "name": "method",
-        "eval_loss": "eval loss",
-        "exact_match": "exact match",
-        "client_loss_mean": "client loss (global model)",
-        "personal_loss_mean": "client loss (personal)",
-        "mb_up": "MB up",
-        "median_round_time_s": "median round (s)",
-    }
-    return rows, markdown_table(rows, columns)
+    return rows, markdown_table(rows, METHOD_COLUMNS)
+
+
+def smollm2_table(args) -> tuple[list[dict], str]:
+    variants = {name: [*o, *SMOLLM2_SETTINGS, *QUIET] for name, o in SMOLLM2_VARIANTS.items()}
+    rows = run_variants(SMOLLM2, shortened(variants, args.rounds), args.runs)
+    _with_megabytes(rows)
+    return rows, markdown_table(rows, METHOD_COLUMNS)
 
 
 def compression_table(args) -> tuple[list[dict], str]:
@@ -142,7 +180,7 @@ def plot_bytes_vs_loss(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-TABLES = {"methods": methods_table, "compression": compression_table}
+TABLES = {"methods": methods_table, "compression": compression_table, "smollm2": smollm2_table}
 
 
 def body(argv: Sequence[str] | None, context: ScriptContext) -> int:

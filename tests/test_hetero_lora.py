@@ -437,3 +437,20 @@ def test_ffa_lora_under_dp_needs_every_rank_component_held(make_config):
     )
     with pytest.raises(ConfigError, match="lower trainable.lora_rank to 2"):
         config.validate()
+
+
+def test_svd_factors_runs_one_svd_at_a_time():
+    """Two SVD calls in flight at once can hang XLA:CPU (`kernels.ordering`): each SVD after
+    the first takes its input through a barrier that holds the previous SVD's output."""
+    products = {t: jnp.ones((2, 6, n)) for t, n in (("k", 3), ("q", 5), ("v", 3))}
+    jaxpr = jax.make_jaxpr(lambda p: svd_factors(p, 2))(products).jaxpr
+
+    def is_svd(eqn):
+        return eqn.primitive.name == "svd" or "svd" == str(eqn.params.get("name", ""))
+
+    svds = [e for e in jaxpr.eqns if is_svd(e)]
+    barriers = {id(v): e for e in jaxpr.eqns if "barrier" in e.primitive.name for v in e.outvars}
+    assert len(svds) == 3
+    for before, svd in zip(svds, svds[1:], strict=False):
+        barrier = barriers[id(svd.invars[0])]
+        assert any(v in before.outvars for v in barrier.invars)

@@ -74,6 +74,7 @@ from fedjax_llm.algorithms.base import (
 )
 from fedjax_llm.client_profiles import LORA_RANK
 from fedjax_llm.models.lora import merge_into_base
+from kernels.ordering import after
 from kernels.pytree import PyTree
 
 ERROR_PROBES = 64
@@ -151,9 +152,12 @@ def svd_factors(products: PyTree, rank: int) -> PyTree:
     Returns:
       ``{target: {"a": [L, d_in, R], "b": [L, R, d_out]}}``.
     """
-    out = {}
+    out, previous = {}, None
     for target, p in products.items():
-        u, s, vt = jnp.linalg.svd(p.astype(jnp.float32), full_matrices=False)
+        # One SVD at a time: two in flight at once can hang XLA:CPU (`kernels.ordering`).
+        p = after(p.astype(jnp.float32), previous)
+        u, s, vt = jnp.linalg.svd(p, full_matrices=False)
+        previous = s
         k = min(rank, s.shape[-1])
         root = jnp.sqrt(s[..., :k])
         a = u[..., :k] * root[..., None, :]
