@@ -1353,6 +1353,12 @@ class ExperimentConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
+    @property
+    def uploads_hidden(self) -> bool:
+        """Whether the server must not learn who sent what: client-level DP (each upload
+        clipped and the sum noised) or secure aggregation (only the sum is revealed)."""
+        return self.privacy.level == "client" or self.secure_aggregation.enabled
+
     def validate(self) -> ExperimentConfig:
         """Checks values that the types cannot express.
 
@@ -1447,7 +1453,7 @@ class ExperimentConfig:
         if (
             type(self.algorithm).rank_tiers
             and not isinstance(self.algorithm, FFALoRAConfig)
-            and (self.privacy.level == "client" or self.secure_aggregation.enabled)
+            and self.uploads_hidden
         ):
             raise ConfigError(
                 f"algorithm.type={self.algorithm.name} aggregates what the server computes from "
@@ -1629,18 +1635,17 @@ class ExperimentConfig:
                     f"client (hetlora, flexlora, flora, ffa_lora); algorithm.type="
                     f"{self.algorithm.name} would ignore the ranks.",
                 )
-            hidden = self.privacy.level == "client" or self.secure_aggregation.enabled
-            if isinstance(self.algorithm, FFALoRAConfig) and hidden:
-                fractions = system.tier_fractions or (1.0,) * len(ranks)
-                held = max(r for r, f in zip(ranks, fractions, strict=False) if f > 0)
-                if held < top:
+            if isinstance(self.algorithm, FFALoRAConfig) and self.uploads_hidden:
+                from fedjax_llm.algorithms.hetero_lora import holder_shares
+
+                try:
+                    holder_shares(top, ranks, system.tier_fractions)
+                except ValueError as e:
                     raise _FieldError(
                         "system.tier_lora_ranks",
-                        f"with client-level DP or secure aggregation, ffa_lora divides each "
-                        f"rank component by the expected share of clients holding it, but no "
-                        f"tier holds components {held} to {top - 1}; lower trainable.lora_rank "
-                        f"to {held}.",
-                    )
+                        "with client-level DP or secure aggregation, ffa_lora divides each rank "
+                        f"component by the expected share of clients holding it, but {e}",
+                    ) from None
         s = self.sampling
         if s.availability_period and s.kind != "availability":
             raise _FieldError(

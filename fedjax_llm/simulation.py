@@ -2197,12 +2197,15 @@ def load_base_params(run_dir: str, config: ExperimentConfig, like: PyTree) -> Py
     current = dataclasses.asdict(config.model)
     # With pretrained.path (the same for both, checked above) the architecture comes from the
     # weights and the model section's sizes are not used.
-    diffs = [
-        f"model.{k}: {saved_model.get(k)!r} -> {v!r}"
-        for k, v in current.items()
-        if saved_model.get(k) != v and k not in ("dtype", "scan_unroll")
-        if config.pretrained.path is None
-    ]
+    diffs = (
+        []
+        if config.pretrained.path
+        else [
+            f"model.{k}: {saved_model.get(k)!r} -> {v!r}"
+            for k, v in current.items()
+            if saved_model.get(k) != v and k not in ("dtype", "scan_unroll")
+        ]
+    )
     if diffs:
         raise ConfigError(f"trainable.base_run={run_dir!r} used another model: {diffs}.")
     if mode == "lora" and saved.get("trainable", {}).get("lora_soft_prompt"):

@@ -295,6 +295,17 @@ def test_holder_shares_by_hand():
         holder_shares(4, (1, 2), (0.5, 0.5))
 
 
+@pytest.mark.parametrize("shares", [(1.0, 0.5, 0.0, 0.5), (1.0, 1.5, 1.0, 1.0)])
+def test_ffa_lora_refuses_holder_shares_outside_zero_to_one(shares):
+    with pytest.raises(ValueError, match=r"holder shares must be in \(0, 1\]"):
+        make_ffa_lora(sgd(), optax.sgd(1.0), shares)
+
+
+def test_ffa_lora_refuses_a_holder_share_count_other_than_the_rank():
+    with pytest.raises(ValueError, match=f"3 holder shares for LoRA rank {R}"):
+        run(make_ffa_lora(sgd(), optax.sgd(1.0), (1.0, 0.5, 0.5)), (0, 2))
+
+
 def test_flexlora_global_adapter_is_the_rank_r_svd_of_the_clients_mean_product():
     """Server sgd(1.0): the new product is the best rank-R approximation of the clients'
     weighted mean product; each client's product comes from a single-client round (whose

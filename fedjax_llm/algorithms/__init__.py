@@ -86,7 +86,7 @@ ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], str]] = {
 def ffa_holder_shares(config: ExperimentConfig) -> tuple[float, ...] | None:
     """FFA-LoRA's fixed holder shares where client-level DP or secure aggregation hides who
     sent what (`make_ffa_lora`); None otherwise (the clients send their flags)."""
-    if config.privacy.level != "client" and not config.secure_aggregation.enabled:
+    if not config.uploads_hidden:
         return None
     return holder_shares(
         config.trainable.lora_rank,

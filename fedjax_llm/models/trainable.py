@@ -100,6 +100,10 @@ def make_trainable(
             f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}."
         )
 
+    uses_prompt = mode == "soft_prompt" or (mode == "lora" and lora_soft_prompt)
+    if uses_prompt and prompt_init not in PROMPT_INITS:
+        raise ValueError(f"Unknown prompt_init {prompt_init!r}; choose one of {PROMPT_INITS}.")
+
     frozen: Callable[[dict], Any] = _identity
     if mode == "full":
 
@@ -127,8 +131,6 @@ def make_trainable(
             raise ValueError(
                 f"lora_soft_prompt must be a non-negative integer, got {lora_soft_prompt!r}."
             )
-        if lora_soft_prompt and prompt_init not in PROMPT_INITS:
-            raise ValueError(f"Unknown prompt_init {prompt_init!r}; choose one of {PROMPT_INITS}.")
 
         def init(key: jax.Array, base_params: dict) -> Any:
             lora = init_lora(config, key, lora_rank, targets)
@@ -151,8 +153,6 @@ def make_trainable(
             }
 
     elif mode == "soft_prompt":
-        if prompt_init not in PROMPT_INITS:
-            raise ValueError(f"Unknown prompt_init {prompt_init!r}; choose one of {PROMPT_INITS}.")
 
         def init(key: jax.Array, base_params: dict) -> Any:
             return init_soft_prompt(config, base_params, key, num_virtual_tokens, prompt_init)
