@@ -14,6 +14,7 @@ runs the same loss one example at a time (under `jax.vmap`) to get per-example s
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kernels.linear_cross_entropy import linear_cross_entropy
 from kernels.pytree import PyTree
 
 LOSS_SUM = "loss_sum"
@@ -46,24 +48,41 @@ class Objective(NamedTuple):
     means: tuple[str, ...] = ()
 
 
-def next_token_loss(apply_fn: Callable, pad_id: int) -> Objective:
+def next_token_loss(apply_fn: Callable, pad_id: int, block_rows: int = 64) -> Objective:
     """Next-token cross entropy on the positions a loss mask selects (the default).
 
+    When ``apply_fn`` takes a ``head`` keyword (as `Trainable.apply` does), the output
+    projection is fused with the cross entropy (`kernels.linear_cross_entropy`): the logits are
+    made ``block_rows`` rows at a time and never exist whole. Otherwise ``apply_fn``'s logits
+    are used.
+
     Args:
-      apply_fn: ``(frozen, params, tokens) -> logits``.
+      apply_fn: ``(frozen, params, tokens) -> logits``, optionally taking ``head=``.
       pad_id: padding token id (for counting processed tokens).
+      block_rows: rows (token positions of one sequence batch) per block of the fused loss.
 
     Returns:
       An `Objective` over ``tokens`` ``[B, T]`` int and ``loss_mask`` ``[B, T]`` (1 at positions
       whose token is a target). Metrics: ``loss_sum``, ``loss_weight`` (target tokens) and
       ``tokens`` (non-pad tokens processed).
     """
+    fused = _takes_head(apply_fn)
 
     def loss(frozen, params, batch, key):
         del key  # the model has no dropout
         tokens = batch["tokens"]
-        logits = apply_fn(frozen, params, tokens)[:, :-1].astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        if fused:
+            # Every position's target is the next token (the last position's is a dummy whose
+            # loss is dropped): the hidden states are used whole, never sliced.
+            targets = jnp.roll(tokens, -1, axis=1)
+
+            def head(hidden, kernel):
+                return linear_cross_entropy(hidden, kernel, targets, block_rows)
+
+            ce = apply_fn(frozen, params, tokens, head=head)[:, :-1]
+        else:
+            logits = apply_fn(frozen, params, tokens)[:, :-1].astype(jnp.float32)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
         weight = batch["loss_mask"][:, 1:] * batch["example_weight"][:, None]
         loss_sum = jnp.sum(ce * weight)
         target_tokens = jnp.sum(weight)
@@ -72,6 +91,13 @@ def next_token_loss(apply_fn: Callable, pad_id: int) -> Objective:
         return mean, {LOSS_SUM: loss_sum, LOSS_WEIGHT: target_tokens, "tokens": processed}
 
     return Objective(loss, ("tokens", "loss_mask"))
+
+
+def _takes_head(apply_fn: Callable) -> bool:
+    try:
+        return "head" in inspect.signature(apply_fn).parameters
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        return False
 
 
 def check_fields(objective: Objective, examples: Mapping[str, Any], where: str) -> None:

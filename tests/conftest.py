@@ -7,12 +7,27 @@ import atexit
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-# Must happen before jax initializes its backends.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# Must happen before jax initializes its backends. The tests compile hundreds of small
+# programs and run each a few times, so compile time dominates: on the CPU, XLA's backend
+# optimization is turned down and its fusion emitters off (the suite takes about half the wall
+# time). Results are checked against references compiled the same way, or within tolerances;
+# a claim that two different programs agree bit for bit holds for the compiler's own settings,
+# so such tests run themselves again under them (`rerun_under_default_compiler`). Flags
+# already in XLA_FLAGS come after these and win.
+FAST_COMPILER_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# Kept in the environment: test worker processes inherit XLA_FLAGS with these flags added.
+_ORIGINAL_XLA_FLAGS = os.environ.setdefault(
+    "FEDJAX_LLM_ORIGINAL_XLA_FLAGS", os.environ.get("XLA_FLAGS", "")
+)
+_DEFAULT_COMPILER = os.environ.get("FEDJAX_LLM_TEST_COMPILER") == "default"
+os.environ["XLA_FLAGS"] = " ".join(
+    ([] if _DEFAULT_COMPILER else [FAST_COMPILER_FLAGS])
+    + [_ORIGINAL_XLA_FLAGS, "--xla_force_host_platform_device_count=8"]
 ).strip()
 # Many tests compile the same tiny round: a compilation cache for this test session (and the
 # scripts it starts) compiles each program once. Set JAX_COMPILATION_CACHE_DIR to keep one.
@@ -82,6 +97,27 @@ def tiny_config(output_dir: str, **sections) -> ExperimentConfig:
         else:
             replaced[name] = dataclasses.replace(getattr(config, name), **fields)
     return dataclasses.replace(config, **replaced)
+
+
+def rerun_under_default_compiler(request) -> bool:
+    """Runs the calling test again in a fresh process under XLA's default settings (for tests
+    that compare two different programs bit for bit) and returns True, or returns False when
+    this process already runs under them (the test then checks its claim itself)."""
+    if _DEFAULT_COMPILER:
+        return False
+    env = {**os.environ, "FEDJAX_LLM_TEST_COMPILER": "default", "XLA_FLAGS": _ORIGINAL_XLA_FLAGS}
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider"]
+        + ["--durations=0", request.node.nodeid],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    return True
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -487,6 +488,18 @@ def _check_cache(config: LlamaConfig, cache: KVCache, batch: int, total: int) ->
         raise ValueError(f"{total} new positions do not fit a cache of {got[2]} positions.")
 
 
+class _OutputProjection(nn.Module):
+    """The untied output projection's kernel [D, V] (stored as `nn.Dense` stores it)."""
+
+    vocab_size: int
+    initializer_range: float
+
+    @nn.compact
+    def __call__(self, hidden_size: int) -> jax.Array:
+        init = nn.initializers.normal(self.initializer_range)
+        return self.param("kernel", init, (hidden_size, self.vocab_size), jnp.float32)
+
+
 class Llama(nn.Module):
     """Llama-family decoder returning next-token logits.
 
@@ -509,7 +522,8 @@ class Llama(nn.Module):
         prompt_embeddings: jax.Array | None = None,
         prefix: dict | None = None,
         cache: KVCache | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        head: Callable[[jax.Array, jax.Array], Any] | None = None,
+    ) -> Any:
         """Computes logits for every position.
 
         Args:
@@ -532,9 +546,15 @@ class Llama(nn.Module):
             This call's P + T positions are written at `cache.index` onwards and attend to every
             valid earlier cache position; `attention_mask` then marks this call's tokens only.
             Pass `prompt_embeddings` only with the first call that fills the cache.
+          head: Optional ``head(hidden, kernel)`` called in place of the output projection,
+            with the final normalized hidden states [B, T, D] and the projection [D, V] (the
+            transposed embedding when tied), both in the compute dtype; its result is returned.
+            A loss can so fuse the projection with itself (`kernels.linear_cross_entropy`)
+            instead of receiving the whole [B, T, V] logits. Not with a cache.
 
         Returns:
-          Logits, float32 [B, T, V]; with a cache, (logits, the updated cache).
+          Logits, float32 [B, T, V]; with a cache, (logits, the updated cache); with a head,
+          what the head returns.
 
         Raises:
           ValueError: If the config is invalid or an input has the wrong shape or keys.
@@ -631,23 +651,17 @@ class Llama(nn.Module):
         x = RMSNorm(cfg.rms_norm_eps, dtype=dtype, name="final_norm")(x)
         x = x[:, num_prompt:]
         if cfg.tie_embeddings:
-            logits = jnp.einsum(
-                "btd,vd->btv", x, embed.embedding.astype(dtype), preferred_element_type=jnp.float32
-            )
+            kernel = embed.embedding.astype(dtype).T
         else:
-            logits = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=dtype,
-                param_dtype=jnp.float32,
-                kernel_init=nn.initializers.normal(cfg.initializer_range),
-                # Accumulate and return logits in float32 even under bf16 compute.
-                dot_general=functools.partial(
-                    jax.lax.dot_general, preferred_element_type=jnp.float32
-                ),
-                name="lm_head",
-            )(x)
-        logits = logits.astype(jnp.float32)
+            kernel = _OutputProjection(cfg.vocab_size, cfg.initializer_range, name="lm_head")(
+                cfg.hidden_size
+            ).astype(dtype)
+        if head is not None:
+            if cache is not None:
+                raise ValueError("head replaces the logits of a forward pass; not with a cache.")
+            return head(x, kernel)
+        # Accumulated and returned in float32 even under bfloat16 compute.
+        logits = jnp.einsum("btd,dv->btv", x, kernel, preferred_element_type=jnp.float32)
         if cache is None:
             return logits
         new_cache = KVCache(*layer_caches, index=cache_index + total, valid=key_valid)

@@ -38,11 +38,13 @@ class Trainable(NamedTuple):
       model_inputs: (frozen, trainable) -> (base params, keyword arguments of `Llama.__call__`
         such as `lora`/`lora_scaling`, `prompt_embeddings` or `prefix`). Everything that runs the
         model (training, evaluation, generation) goes through it.
-      apply: (frozen, trainable, tokens [B, T], attention_mask=None, adapter=True) -> logits
-        [B, T, V] float32. `attention_mask` is an optional bool [B, T] (True = real token); right
-        padding needs none, since causal attention never lets real tokens see the pads after
-        them. `adapter=False` runs the frozen base without the trainable part (LoRA, prompt or
-        prefix switched off; not for 'full'): the reference model of DPO.
+      apply: (frozen, trainable, tokens [B, T], attention_mask=None, adapter=True, head=None) ->
+        logits [B, T, V] float32. `attention_mask` is an optional bool [B, T] (True = real
+        token); right padding needs none, since causal attention never lets real tokens see the
+        pads after them. `adapter=False` runs the frozen base without the trainable part (LoRA,
+        prompt or prefix switched off; not for 'full'): the reference model of DPO. With
+        ``head=fn`` the output projection is replaced by ``fn(hidden, kernel)`` and its result
+        returned (see `Llama.__call__`): how the next-token loss fuses it with the cross entropy.
     """
 
     mode: str
@@ -175,7 +177,8 @@ def make_trainable(
         tokens: jax.Array,
         attention_mask: jax.Array | None = None,
         adapter: bool = True,
-    ) -> jax.Array:
+        head: Callable[[jax.Array, jax.Array], Any] | None = None,
+    ) -> Any:
         if not adapter:
             # The frozen base alone (the adapter switched off): the reference model of
             # preference losses, at no extra copy of the weights.
@@ -184,9 +187,13 @@ def make_trainable(
                     "trainable.mode='full' has no frozen base apart from what clients train, so "
                     "the model cannot run with the adapter switched off."
                 )
-            return llama.apply(config, frozen_params, tokens, attention_mask=attention_mask)
+            return llama.apply(
+                config, frozen_params, tokens, attention_mask=attention_mask, head=head
+            )
         params, kwargs = model_inputs(frozen_params, trainable)
-        return llama.apply(config, params, tokens, attention_mask=attention_mask, **kwargs)
+        return llama.apply(
+            config, params, tokens, attention_mask=attention_mask, head=head, **kwargs
+        )
 
     return Trainable(mode, config, init, frozen, model_inputs, apply)
 
