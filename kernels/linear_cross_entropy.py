@@ -28,7 +28,7 @@ from jax.custom_derivatives import SymbolicZero
 
 
 def linear_cross_entropy(
-    x: jax.Array, w: jax.Array, targets: jax.Array, block_rows: int = 256
+    x: jax.Array, w: jax.Array, targets: jax.Array, block_rows: int = 64
 ) -> jax.Array:
     """Per-row cross entropy ``-log softmax(x @ w)[target]``, float32.
 
@@ -106,11 +106,14 @@ def _blocked_fwd(x, w, targets, block):
         grad = _minus_one_hot(probs, tb).astype(w_val.dtype)
         dx = None
         if want_dx:  # d loss_i / d x_i = (softmax_i - one_hot_i) @ w.T
-            dx = jnp.dot(grad, w_val.T, preferred_element_type=jnp.float32).astype(xb.dtype)
+            # Kept in float32 until the cotangent scales it: one rounding to x's dtype, as the
+            # plain path's.
+            dx = jnp.dot(grad, w_val.T, preferred_element_type=jnp.float32)
         return loss, dx, grad if want_dw else None
 
     losses, dx, grad = _scan_blocks(one, block, x_val, t_val)
-    return losses, (dx, grad, x_val if want_dw else None)
+    # x itself only for w's gradient; otherwise an empty array that carries x's dtype.
+    return losses, (dx, grad, x_val if want_dw else jnp.zeros((0,), x_val.dtype))
 
 
 def _blocked_bwd(block, residuals, g):
@@ -121,7 +124,7 @@ def _blocked_bwd(block, residuals, g):
     g = g.astype(jnp.float32)
     dx = None
     if dx_unit is not None:
-        dx = (g[:, None] * dx_unit.astype(jnp.float32)).astype(dx_unit.dtype)
+        dx = (g[:, None] * dx_unit).astype(x.dtype)
     dw = None
     if grad is not None:  # w trained: sum_i g_i x_i^T (softmax_i - one_hot_i)
         scaled = (g[:, None] * grad.astype(jnp.float32)).astype(grad.dtype)

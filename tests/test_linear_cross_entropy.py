@@ -58,6 +58,23 @@ def test_losses_and_gradients_equal_numpy_for_any_blocking(n, block):
     np.testing.assert_allclose(jax.grad(total, 1)(x, w), want_dw, rtol=1e-4, atol=1e-6)
 
 
+def test_bfloat16_inputs_give_bfloat16_gradients_close_to_float32():
+    x, w, targets, cot = problem(16, seed=2)
+    _, want_dx, want_dw = numpy_ce_and_grads(x, w, targets, cot)
+
+    def total(x, w):
+        return jnp.sum(cot * linear_cross_entropy(x, w, jnp.asarray(targets), 8))
+
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    dx, dw = jax.grad(total, (0, 1))(xb, wb)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    scale_x, scale_w = np.abs(want_dx).max(), np.abs(want_dw).max()
+    np.testing.assert_allclose(np.asarray(dx, np.float32), want_dx, atol=0.03 * scale_x)
+    np.testing.assert_allclose(np.asarray(dw, np.float32), want_dw, atol=0.03 * scale_w)
+    frozen_w = jax.grad(total)(xb, wb)  # the forward-pass gradient (w not differentiated)
+    np.testing.assert_allclose(np.asarray(frozen_w, np.float32), np.asarray(dx, np.float32))
+
+
 def test_leading_axes_and_vmap_over_clients_sharing_w():
     x, w, targets, cot = problem(24, seed=1)
     xs = x.reshape(2, 3, 4, D)  # 2 clients x [3, 4] positions
