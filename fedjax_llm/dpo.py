@@ -27,7 +27,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from fedjax_llm.objectives import LOSS_SUM, LOSS_WEIGHT, Objective
+from fedjax_llm.objectives import LOSS_SUM, LOSS_WEIGHT, Objective, next_token_losses
 
 DPO_LOSSES = ("sigmoid", "ipo")
 PREFERENCE_FIELDS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
@@ -35,12 +35,11 @@ REWARD_METRICS = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected
 """The per-pair metrics DPO reports (as means over pairs, see `Objective.means`)."""
 
 
-def _response_logp(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+def _response_logp(apply_fn: Callable, frozen, params, tokens, mask, **kwargs) -> jax.Array:
     """``[B]`` summed log-probabilities of the tokens ``mask`` selects (position t predicted
-    from position t - 1)."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-    target = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(target * mask[:, 1:], axis=-1)
+    from position t - 1); fused with the output projection where ``apply_fn`` allows it."""
+    ce = next_token_losses(apply_fn, frozen, params, tokens, **kwargs)
+    return -jnp.sum(ce * mask[:, 1:], axis=-1)
 
 
 def dpo_loss(apply_fn: Callable, beta: float = 0.1, loss_type: str = "sigmoid") -> Objective:
@@ -74,9 +73,9 @@ def dpo_loss(apply_fn: Callable, beta: float = 0.1, loss_type: str = "sigmoid") 
         # Chosen and rejected rows go through each model as one batch.
         tokens = jnp.concatenate([batch["chosen"], batch["rejected"]])
         mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-        policy = _response_logp(apply_fn(frozen, params, tokens), tokens, mask)
+        policy = _response_logp(apply_fn, frozen, params, tokens, mask)
         reference = jax.lax.stop_gradient(
-            _response_logp(apply_fn(frozen, params, tokens, adapter=False), tokens, mask)
+            _response_logp(apply_fn, frozen, params, tokens, mask, adapter=False)
         )
         ratio = policy - reference  # [2B] summed log-ratios
         chosen, rejected = jnp.split(ratio, 2)

@@ -51,10 +51,8 @@ class Objective(NamedTuple):
 def next_token_loss(apply_fn: Callable, pad_id: int, block_rows: int = 64) -> Objective:
     """Next-token cross entropy on the positions a loss mask selects (the default).
 
-    When ``apply_fn`` takes a ``head`` keyword (as `Trainable.apply` does), the output
-    projection is fused with the cross entropy (`kernels.linear_cross_entropy`): the logits are
-    made ``block_rows`` rows at a time and never exist whole. Otherwise ``apply_fn``'s logits
-    are used.
+    The per-token losses come from `next_token_losses` (fused with the output projection when
+    ``apply_fn`` takes ``head=``).
 
     Args:
       apply_fn: ``(frozen, params, tokens) -> logits``, optionally taking ``head=``.
@@ -66,23 +64,11 @@ def next_token_loss(apply_fn: Callable, pad_id: int, block_rows: int = 64) -> Ob
       whose token is a target). Metrics: ``loss_sum``, ``loss_weight`` (target tokens) and
       ``tokens`` (non-pad tokens processed).
     """
-    fused = _takes_head(apply_fn)
 
     def loss(frozen, params, batch, key):
         del key  # the model has no dropout
         tokens = batch["tokens"]
-        if fused:
-            # Every position's target is the next token (the last position's is a dummy whose
-            # loss is dropped): the hidden states are used whole, never sliced.
-            targets = jnp.roll(tokens, -1, axis=1)
-
-            def head(hidden, kernel):
-                return linear_cross_entropy(hidden, kernel, targets, block_rows)
-
-            ce = apply_fn(frozen, params, tokens, head=head)[:, :-1]
-        else:
-            logits = apply_fn(frozen, params, tokens)[:, :-1].astype(jnp.float32)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        ce = next_token_losses(apply_fn, frozen, params, tokens, block_rows)
         weight = batch["loss_mask"][:, 1:] * batch["example_weight"][:, None]
         loss_sum = jnp.sum(ce * weight)
         target_tokens = jnp.sum(weight)
@@ -91,6 +77,42 @@ def next_token_loss(apply_fn: Callable, pad_id: int, block_rows: int = 64) -> Ob
         return mean, {LOSS_SUM: loss_sum, LOSS_WEIGHT: target_tokens, "tokens": processed}
 
     return Objective(loss, ("tokens", "loss_mask"))
+
+
+def next_token_losses(
+    apply_fn: Callable,
+    frozen: PyTree,
+    params: PyTree,
+    tokens: jax.Array,
+    block_rows: int = 64,
+    **kwargs: Any,
+) -> jax.Array:
+    """Cross entropy of each next token, float32 [B, T - 1] (position t predicts token t + 1).
+
+    When ``apply_fn`` takes a ``head`` keyword (as `Trainable.apply` does), the output
+    projection is fused with the cross entropy (`kernels.linear_cross_entropy`): the logits are
+    made ``block_rows`` rows at a time and never exist whole. Otherwise ``apply_fn``'s logits
+    are used.
+
+    Args:
+      apply_fn: ``(frozen, params, tokens, **kwargs) -> logits``, optionally taking ``head=``.
+      frozen: the frozen part of the model.
+      params: the trained part.
+      tokens: int [B, T].
+      block_rows: rows (token positions) per block of the fused loss.
+      **kwargs: further arguments of ``apply_fn`` (e.g. ``adapter=False``).
+    """
+    if _takes_head(apply_fn):
+        # Every position's target is the next token (the last position's is a dummy whose loss
+        # is dropped): the hidden states are used whole, never sliced.
+        targets = jnp.roll(tokens, -1, axis=1)
+
+        def head(hidden, kernel):
+            return linear_cross_entropy(hidden, kernel, targets, block_rows)
+
+        return apply_fn(frozen, params, tokens, head=head, **kwargs)[:, :-1]
+    logits = apply_fn(frozen, params, tokens, **kwargs)[:, :-1].astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
 
 
 def _takes_head(apply_fn: Callable) -> bool:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_llm.dpo import dpo_loss
 from fedjax_llm.models import llama
 from fedjax_llm.models.trainable import make_trainable
 from fedjax_llm.objectives import next_token_loss
@@ -131,6 +132,52 @@ def test_next_token_loss_fused_equals_the_logits_path(mode, tied):
 
     (loss, grads), (want_loss, want_grads) = value_and_grad(fused), value_and_grad(plain)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_dpo_fused_equals_the_logits_path():
+    """DPO's policy and reference log-probabilities through the fused head equal those from
+    the logits: same loss, metrics and LoRA gradients."""
+    config = llama.LlamaConfig(
+        vocab_size=53,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        max_seq_len=16,
+    )
+    trainable = make_trainable(config, "lora", lora_rank=2)
+    base = llama.init_params(config, jax.random.key(0))
+    frozen = trainable.frozen(base)
+    # B of the LoRA factors is zero at init: move it so that policy and reference differ.
+    params = jax.tree.map(
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape),
+        trainable.init(jax.random.key(1), base),
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        "chosen": jnp.asarray(rng.integers(1, 53, size=(2, 9)), jnp.int32),
+        "rejected": jnp.asarray(rng.integers(1, 53, size=(2, 9)), jnp.int32),
+        "chosen_mask": jnp.asarray(rng.integers(0, 2, size=(2, 9)), jnp.float32),
+        "rejected_mask": jnp.asarray(rng.integers(0, 2, size=(2, 9)), jnp.float32),
+        "example_weight": jnp.ones(2),
+    }
+
+    def plain_apply(frozen, params, tokens, adapter=True):
+        return trainable.apply(frozen, params, tokens, adapter=adapter)
+
+    def run(apply_fn):
+        objective = dpo_loss(apply_fn, beta=0.5)
+        grad = jax.value_and_grad(lambda p: objective.loss(frozen, p, batch, None), has_aux=True)
+        return jax.jit(grad)(params)
+
+    (loss, metrics), grads = run(trainable.apply)
+    (want_loss, want_metrics), want_grads = run(plain_apply)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    for key in metrics:
+        np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=1e-4, atol=1e-6)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
