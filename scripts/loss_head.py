@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 
 import jax
@@ -26,18 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_llm.benchmarking import MODELS
+from fedjax_llm.comparisons import machine
 from fedjax_llm.models import llama
 from fedjax_llm.models.trainable import make_trainable
 from fedjax_llm.objectives import next_token_loss
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor()
-    lines = [line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line]
-    return lines[0] if lines else platform.processor()
 
 
 def main() -> None:
@@ -96,7 +86,7 @@ def main() -> None:
         "tokens_per_client": spec.batch_size * spec.seq_len,
         "vocab": spec.config.vocab_size,
         "backend": jax.default_backend(),
-        "cpu": cpu_model(),
+        "machine": machine(),
         "jax": jax.__version__,
         "rows": rows,
     }
