@@ -58,13 +58,9 @@ def linear_cross_entropy(
     return losses[:n].reshape(lead)
 
 
-def _logits(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.dot(x, w, preferred_element_type=jnp.float32)
-
-
 def _block_loss(x, w, targets):
     """Loss and softmax probabilities of one block of rows."""
-    logits = _logits(x, w)
+    logits = jnp.dot(x, w, preferred_element_type=jnp.float32)
     top = jnp.max(logits, axis=-1, keepdims=True)
     shifted = logits - jax.lax.stop_gradient(top)
     exp = jnp.exp(shifted)

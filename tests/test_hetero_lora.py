@@ -461,26 +461,22 @@ def test_svd_factors_runs_one_svd_at_a_time():
     }
     closed = jax.make_jaxpr(lambda p: svd_factors(p, 2))(products)
     depends: dict = {}
-    svds = []
+    svd_inputs = []  # each SVD's input, in program order
     for eqn in closed.jaxpr.eqns:
         upstream = set().union(
             *(depends.get(v, set()) for v in eqn.invars if not hasattr(v, "val"))
         )
         if eqn.primitive.name == "svd" or str(eqn.params.get("name", "")) == "svd":
-            svds.append(len(svds))
-            upstream = upstream | {svds[-1]}
+            svd_inputs.append(eqn.invars[0])
+            upstream = upstream | {len(svd_inputs) - 1}
         for v in eqn.outvars:
             depends[v] = upstream
-    assert len(svds) == 3
-    inputs = [
-        e
-        for e in closed.jaxpr.eqns
-        if e.primitive.name == "svd" or str(e.params.get("name", "")) == "svd"
-    ]
-    for k, eqn in enumerate(inputs[1:], start=1):
-        assert k - 1 in depends[eqn.invars[0]]
+    assert len(svd_inputs) == 3
+    for k, x in enumerate(svd_inputs[1:], start=1):
+        assert k - 1 in depends[x]
+    factors = svd_factors(products, 2)
     for t, p in products.items():
         u, s, vt = np.linalg.svd(np.asarray(p, np.float64), full_matrices=False)
         want = (u[..., :2] * s[..., None, :2]) @ vt[..., :2, :]
-        f = svd_factors(products, 2)[t]
+        f = factors[t]
         np.testing.assert_allclose(np.asarray(f["a"] @ f["b"]), want, rtol=1e-4, atol=1e-5)

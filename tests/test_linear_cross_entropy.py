@@ -97,25 +97,30 @@ def test_shape_mismatches_are_refused():
         linear_cross_entropy(x[:, :3], w, jnp.asarray(targets))
 
 
+def small_model(mode="lora", vocab=97, tied=True, length=16):
+    """A one-layer Llama, its `Trainable`, frozen part and trainable params."""
+    config = llama.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        max_seq_len=length,
+        tie_embeddings=tied,
+    )
+    trainable = make_trainable(config, mode, lora_rank=2, num_virtual_tokens=3)
+    base = llama.init_params(config, jax.random.key(0))
+    return trainable, trainable.frozen(base), trainable.init(jax.random.key(1), base)
+
+
 @pytest.mark.parametrize(
     ("mode", "tied"), [("lora", False), ("full", False), ("soft_prompt", True), ("prefix", False)]
 )
 def test_next_token_loss_fused_equals_the_logits_path(mode, tied):
     """The default objective on `Trainable.apply` (fused) and on a plain logits function (not
     fused): equal losses and gradients, for every trainable mode and a tied embedding."""
-    config = llama.LlamaConfig(
-        vocab_size=97,
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        max_seq_len=16,
-        tie_embeddings=tied,
-    )
-    trainable = make_trainable(config, mode, lora_rank=2, num_virtual_tokens=3)
-    base = llama.init_params(config, jax.random.key(0))
-    frozen, params = trainable.frozen(base), trainable.init(jax.random.key(1), base)
+    trainable, frozen, params = small_model(mode, tied=tied)
     rng = np.random.default_rng(0)
     batch = {
         "tokens": jnp.asarray(rng.integers(1, 97, size=(3, 10)), jnp.int32),
@@ -139,22 +144,10 @@ def test_next_token_loss_fused_equals_the_logits_path(mode, tied):
 def test_dpo_fused_equals_the_logits_path():
     """DPO's policy and reference log-probabilities through the fused head equal those from
     the logits: same loss, metrics and LoRA gradients."""
-    config = llama.LlamaConfig(
-        vocab_size=53,
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        max_seq_len=16,
-    )
-    trainable = make_trainable(config, "lora", lora_rank=2)
-    base = llama.init_params(config, jax.random.key(0))
-    frozen = trainable.frozen(base)
+    trainable, frozen, params = small_model(vocab=53)
     # B of the LoRA factors is zero at init: move it so that policy and reference differ.
     params = jax.tree.map(
-        lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape),
-        trainable.init(jax.random.key(1), base),
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), params
     )
     rng = np.random.default_rng(0)
     batch = {
@@ -185,18 +178,7 @@ def test_dpo_fused_equals_the_logits_path():
 def test_the_fused_loss_never_holds_the_whole_logits():
     """XLA's memory analysis of a LoRA client's gradient: the fused loss needs less temporary
     memory than the plain one by at least the [tokens, vocab] logits it no longer makes."""
-    config = llama.LlamaConfig(
-        vocab_size=2048,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        max_seq_len=64,
-    )
-    trainable = make_trainable(config, "lora", lora_rank=2)
-    base = llama.init_params(config, jax.random.key(0))
-    frozen, params = trainable.frozen(base), trainable.init(jax.random.key(1), base)
+    trainable, frozen, params = small_model(vocab=2048, length=64)
     tokens = jnp.ones((8, 64), jnp.int32)
     batch = {"tokens": tokens, "loss_mask": jnp.ones((8, 64)), "example_weight": jnp.ones(8)}
 
