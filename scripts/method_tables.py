@@ -120,18 +120,20 @@ METHOD_COLUMNS = {
 }
 
 
-def methods_table(args) -> tuple[list[dict], str]:
-    variants = {name: [*o, *QUIET] for name, o in METHOD_VARIANTS.items()}
-    rows = run_variants(BASE, shortened(variants, args.rounds), args.runs)
+def _families_table(base: str, variants: dict, settings: list[str], args):
+    """One row per method family: each variant of ``base`` with ``settings``, MB columns."""
+    variants = {name: [*o, *settings, *QUIET] for name, o in variants.items()}
+    rows = run_variants(base, shortened(variants, args.rounds), args.runs)
     _with_megabytes(rows)
     return rows, markdown_table(rows, METHOD_COLUMNS)
+
+
+def methods_table(args) -> tuple[list[dict], str]:
+    return _families_table(BASE, METHOD_VARIANTS, [], args)
 
 
 def smollm2_table(args) -> tuple[list[dict], str]:
-    variants = {name: [*o, *SMOLLM2_SETTINGS, *QUIET] for name, o in SMOLLM2_VARIANTS.items()}
-    rows = run_variants(SMOLLM2, shortened(variants, args.rounds), args.runs)
-    _with_megabytes(rows)
-    return rows, markdown_table(rows, METHOD_COLUMNS)
+    return _families_table(SMOLLM2, SMOLLM2_VARIANTS, SMOLLM2_SETTINGS, args)
 
 
 def compression_table(args) -> tuple[list[dict], str]:
