@@ -55,6 +55,7 @@ import optax
 from fedjax_llm.algorithms import Algorithm, HyperParams, make_fedavg
 from fedjax_llm.models.flops import train_flops_per_token
 from fedjax_llm.models.llama import LlamaConfig, count_params, init_params
+from fedjax_llm.models.matmul import matmul
 from fedjax_llm.models.trainable import TRAINABLE_MODES, make_trainable
 from fedjax_llm.objectives import Objective, next_token_loss
 from fedjax_llm.pipeline import default_pipeline, merge_hyperparams
@@ -297,13 +298,15 @@ def measure_matmul_peak(size: int, dtype: str, repeats: int, warmup: int = 2) ->
     key_a, key_b = jax.random.split(jax.random.key(0))
     a = jax.random.normal(key_a, (size, size), dtype)
     b = jax.random.normal(key_b, (size, size), dtype)
-    matmul = jax.jit(jnp.matmul).lower(a, b).compile()
+    # The product as the model writes it (for bfloat16 on CPUs, a float32-result product
+    # rounded once: `fedjax_llm.models.matmul`), so that MFU compares like with like.
+    product = jax.jit(matmul).lower(a, b).compile()
     for _ in range(warmup):
-        matmul(a, b).block_until_ready()
+        product(a, b).block_until_ready()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        matmul(a, b).block_until_ready()
+        product(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
     flops = 2.0 * size**3
     median = statistics.median(times)

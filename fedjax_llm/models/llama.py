@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_llm.models import matmul
+
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Rotary frequency schemes, named as in Hugging Face configs' `rope_scaling.rope_type`.
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -39,9 +41,19 @@ UNROLL_LAYERS_UP_TO = 4
 # weights (matmuls without batch dimensions: with the client axis vmapped, these are the
 # frozen-weight projections), trading some memory for skipping their recomputation.
 REMAT_MODES = ("none", "layer", "layer_dots")
+
+
+def _dots_with_no_batch_dims_saveable(prim, *avals, **params) -> bool:
+    # JAX's policy, plus the float32-result bfloat16 products of `matmul.matmul` (which have no
+    # batch dimensions), which a policy sees as custom-VJP calls rather than dots.
+    return matmul.is_rounded_product(
+        prim, params
+    ) or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params)
+
+
 _REMAT_POLICIES = {
     "layer": jax.checkpoint_policies.nothing_saveable,
-    "layer_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "layer_dots": _dots_with_no_batch_dims_saveable,
 }
 
 
@@ -340,6 +352,7 @@ def _dense(config: LlamaConfig, features: int, name: str, use_bias: bool = False
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(config.initializer_range),
         name=name,
+        dot_general=matmul.dense_dot_general,
     )
 
 
@@ -352,7 +365,7 @@ def _lora_project(dense: nn.Dense, x: jax.Array, factors: dict | None, scaling: 
     # materialize one copy of it per client.
     a = factors["a"].astype(y.dtype)
     b = factors["b"].astype(y.dtype)
-    delta = (x.astype(y.dtype) @ a) @ b
+    delta = matmul.matmul(matmul.matmul(x.astype(y.dtype), a), b)
     return y + (scaling * delta).astype(y.dtype)
 
 
