@@ -14,6 +14,7 @@ import os
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from fedjax_llm import benchmarking
@@ -298,3 +299,18 @@ def test_results_of_a_busy_cpu_are_flagged():
     assert "machine was busy" not in benchmarking.format_results(_results([0.4, 1.0, 1.0]))
     assert "machine was busy" not in benchmarking.format_results(_results(None))
     assert "machine was busy" not in benchmarking.format_results(_results([9.0], "gpu"))
+
+
+def test_bfloat16_rounds_agree_within_a_share_of_the_update():
+    """float32 rounds must match to rounding noise; bfloat16 ones (products rounded to 8 bits)
+    within BF16_CHECK_UPDATE_SHARE of the round's largest update, and no further."""
+    before = {"w": np.zeros(4, np.float32)}
+    want = {"w": np.array([1e-3, -5e-4, 2e-4, 0.0], np.float32)}
+    one_percent = {"w": want["w"] + np.float32(1e-5)}
+    check = benchmarking.compare_params(one_percent, want, before, "float32")
+    assert not check["allclose"] and check["atol"] == benchmarking.CHECK_ATOL
+    check = benchmarking.compare_params(one_percent, want, before, "bfloat16")
+    assert check["allclose"], check
+    assert check["atol"] == pytest.approx(benchmarking.BF16_CHECK_UPDATE_SHARE * 1e-3)
+    ten_percent = {"w": want["w"] + np.float32(1e-4)}
+    assert not benchmarking.compare_params(ten_percent, want, before, "bfloat16")["allclose"]
