@@ -111,6 +111,56 @@ def test_cpu_products_take_bfloat16_operands_and_give_float32_results(monkeypatc
     assert any("bf16" in result for _, result in plain), plain
 
 
+def test_cpu_attention_products_take_bfloat16_operands(monkeypatch):
+    """Attention's two products and their four backward products, in the fast form."""
+    _use_form(monkeypatch, True)
+    rng = np.random.default_rng(6)
+    q, k, v = _bf16(rng, (2, 8, 2, 2, 4)), _bf16(rng, (2, 8, 2, 4)), _bf16(rng, (2, 8, 2, 4))
+
+    def attention(q, k, v):
+        scores = matmul.einsum("btkgd,bskd->bkgts", q, k, jnp.float32)
+        probs = jax.nn.softmax(scores, axis=-1).astype(jnp.bfloat16)
+        out = matmul.einsum("bkgts,bskd->btkgd", probs, v)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    dots = _dots(jax.jit(jax.grad(attention, (0, 1, 2))).lower(q, k, v).as_text())
+    assert len(dots) == 6, dots
+    for operands, result in dots:
+        assert operands.count("bf16") == 2 and "f32" in result, (operands, result)
+
+
+@pytest.mark.parametrize(
+    "spec, a_shape, b_shape, out_dtype",
+    [
+        ("btkgd,bskd->bkgts", (2, 5, 2, 3, 4), (2, 6, 2, 4), jnp.float32),  # attention scores
+        ("bkgts,bskd->btkgd", (2, 2, 3, 5, 6), (2, 6, 2, 4), None),  # probabilities @ values
+    ],
+)
+def test_einsum_and_its_gradients_match_numpy_by_hand(
+    formulation, spec, a_shape, b_shape, out_dtype
+):
+    rng = np.random.default_rng(5)
+    a, b = _bf16(rng, a_shape), _bf16(rng, b_shape)
+    y, vjp = jax.vjp(lambda a, b: matmul.einsum(spec, a, b, out_dtype), a, b)
+    g = jnp.asarray(rng.normal(size=y.shape), y.dtype)
+    da, db = vjp(g)
+    want = np.einsum(spec, _f64(a), _f64(b))
+    if out_dtype == jnp.float32:  # not rounded: float32 sums of exact bfloat16 products
+        assert y.dtype == jnp.float32
+        np.testing.assert_allclose(_f64(y), want, rtol=1e-5, atol=1e-5)
+    else:
+        assert y.dtype == jnp.bfloat16
+        _close_in_bf16(y, want)
+    inputs, out = spec.split("->")
+    sa, sb = inputs.split(",")
+    # The fast form rounds a float32 cotangent to bfloat16 for its products: errors relative
+    # to the gradient's scale.
+    for got, operand_spec, other, other_spec in ((da, sa, b, sb), (db, sb, a, sa)):
+        exact = np.einsum(f"{out},{other_spec}->{operand_spec}", _f64(g), _f64(other))
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(_f64(got), exact, rtol=0, atol=2e-2 * np.abs(exact).max())
+
+
 def test_float32_products_are_the_plain_product():
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(3, 7)), jnp.float32)

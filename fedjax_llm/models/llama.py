@@ -411,13 +411,13 @@ class _Attention(nn.Module):
         # Query head h = kv * num_groups + g uses kv head `kv` (HF repeat_kv order). Grouping the
         # query heads avoids materializing repeated keys/values.
         q = q.reshape(batch, length, cfg.num_kv_heads, num_groups, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = matmul.einsum("btkgd,bskd->bkgts", q, k, jnp.float32)
         scores = scores * (hd**-0.5)
         # A finite fill keeps fully masked rows (e.g. leading pads) free of NaNs, which would
         # otherwise leak into gradients even when their loss weight is zero.
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        out = matmul.einsum("bkgts,bskd->btkgd", probs, v)
         out = out.reshape(batch, length, cfg.num_heads * hd)
         return proj(out, cfg.hidden_size, "o_proj", "o"), layer_cache
 

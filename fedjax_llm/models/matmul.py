@@ -15,6 +15,8 @@ bfloat16 products run natively, the plain product is kept.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
@@ -36,6 +38,21 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     if x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and rounds_float32_products():
         return _rounded_matmul(x, w)
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
+    """``jnp.einsum(spec, a, b)`` accumulated in float32, the result in ``out_dtype`` (default:
+    the operands' dtype), for specs ``"A,B->O"`` in which every index of an operand appears in
+    the other operand or in the output (as in attention's two products).
+
+    For bfloat16 operands on a backend where `rounds_float32_products`, its backward products
+    are written the same way (a float32 cotangent is rounded to bfloat16 for them, as the
+    operands are); otherwise it is `jnp.einsum` with a float32 result, converted.
+    """
+    out_dtype = jnp.dtype(out_dtype or a.dtype)
+    if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16 and rounds_float32_products():
+        return _rounded_einsum(spec, out_dtype, a, b)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -109,3 +126,31 @@ def _rounded_matmul_bwd(residuals, g):
 
 
 _rounded_matmul.defvjp(_rounded_matmul_fwd, _rounded_matmul_bwd, symbolic_zeros=True)
+
+
+def _einsum_product(spec: str, a, b, dtype):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _rounded_einsum(spec, out_dtype, a, b):
+    return _einsum_product(spec, a, b, out_dtype)
+
+
+def _rounded_einsum_fwd(spec, out_dtype, a, b):
+    return _rounded_einsum(spec, out_dtype, a, b), (a, b)
+
+
+def _rounded_einsum_bwd(spec, out_dtype, residuals, g):
+    del out_dtype
+    a, b = residuals
+    inputs, out = spec.replace(" ", "").split("->")
+    sa, sb = inputs.split(",")
+    g = g.astype(a.dtype)
+    return (
+        _einsum_product(f"{out},{sb}->{sa}", g, b, a.dtype),
+        _einsum_product(f"{out},{sa}->{sb}", g, a, b.dtype),
+    )
+
+
+_rounded_einsum.defvjp(_rounded_einsum_fwd, _rounded_einsum_bwd)
