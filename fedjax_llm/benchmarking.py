@@ -206,6 +206,8 @@ class BenchmarkSettings:
         and transformers can be imported (otherwise it is skipped with a message).
       seed: seed of the init, the data and the client sampling.
       quick: a smoke run (smaller defaults for ``clients`` and ``peak_size``).
+      seq_len: tokens per example T of every model (None: each model's own; see
+        `with_seq_len`).
 
     Raises:
       ValueError: for an unknown model or mode, or a non-positive count.
@@ -226,6 +228,7 @@ class BenchmarkSettings:
     torch: bool = True
     seed: int = 0
     quick: bool = False
+    seq_len: int | None = None
 
     def __post_init__(self):
         unknown = [m for m in self.models if m not in MODELS]
@@ -239,6 +242,16 @@ class BenchmarkSettings:
             raise ValueError("rounds and peak_repeats must be >= 1 and warmup >= 0.")
         if self.clients is not None and min(self.clients, default=1) < 1:
             raise ValueError(f"clients per round must be positive, got {self.clients}.")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ValueError(
+                f"seq_len must be at least 2 (one next-token target), got {self.seq_len}."
+            )
+
+
+def with_seq_len(spec: ModelSpec, seq_len: int) -> ModelSpec:
+    """``spec`` with ``seq_len`` tokens per example, its position limit raised to fit."""
+    config = dataclasses.replace(spec.config, max_seq_len=max(spec.config.max_seq_len, seq_len))
+    return dataclasses.replace(spec, config=config, seq_len=seq_len)
 
 
 # ------------------------------------------------------------------------------ device + peak
@@ -1077,6 +1090,8 @@ def run_benchmark(
     skipped: list[str] = []
     for name in settings.models:
         spec = MODELS[name]
+        if settings.seq_len is not None:
+            spec = with_seq_len(spec, settings.seq_len)
         for num_clients in settings.clients or (QUICK_CLIENTS if settings.quick else spec.clients):
             info, model_rows, model_skipped = benchmark_model_clients(
                 spec, num_clients, settings, peak, log
@@ -1104,6 +1119,7 @@ def run_benchmark(
             "lora_targets": list(LORA_TARGETS),
             "num_virtual_tokens": settings.num_virtual_tokens,
             "dtype": settings.dtype,
+            "seq_len": settings.seq_len,
             "rounds": settings.rounds,
             "warmup": settings.warmup,
             "seed": settings.seed,

@@ -94,6 +94,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="compute dtype of the model and of the peak matmul",
     )
     parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per example T of every model (default: the model's own, lora-4m 64, "
+        "tiny 32, smollm2-135m 256)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=None,
@@ -173,6 +180,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
         torch=args.torch,
         seed=args.seed,
         quick=args.quick,
+        seq_len=args.seq_len,
     )
 
 

@@ -314,3 +314,14 @@ def test_bfloat16_rounds_agree_within_a_share_of_the_update():
     assert check["atol"] == pytest.approx(benchmarking.BF16_CHECK_UPDATE_SHARE * 1e-3)
     ten_percent = {"w": want["w"] + np.float32(1e-4)}
     assert not benchmarking.compare_params(ten_percent, want, before, "bfloat16")["allclose"]
+
+
+def test_seq_len_overrides_every_models_example_length():
+    settings = cli.settings_from_args(cli.parse_args(["--seq-len", "128", "--no-torch"]))
+    assert settings.seq_len == 128
+    spec = benchmarking.with_seq_len(benchmarking.MODELS["tiny"], 128)
+    assert spec.seq_len == 128 and spec.config.max_seq_len == 128
+    # A shorter T keeps the model's position limit.
+    assert benchmarking.with_seq_len(benchmarking.MODELS["lora-4m"], 16).config.max_seq_len == 64
+    with pytest.raises(ValueError, match="seq_len"):
+        benchmarking.BenchmarkSettings(seq_len=1)
