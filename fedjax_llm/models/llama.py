@@ -410,14 +410,24 @@ class _Attention(nn.Module):
 
         # Query head h = kv * num_groups + g uses kv head `kv` (HF repeat_kv order). Grouping the
         # query heads avoids materializing repeated keys/values.
-        q = q.reshape(batch, length, cfg.num_kv_heads, num_groups, hd)
-        scores = matmul.einsum("btkgd,bskd->bkgts", q, k, jnp.float32)
+        # Head-major: the group's queries are rows of one [g*t, s] block per kv head, so both
+        # products and their gradients are plain batched matmuls over (batch, kv head) and the
+        # [.., t, s] scores are never transposed (only the small q/k/v/out are).
+        kv = cfg.num_kv_heads
+        q = q.reshape(batch, length, kv, num_groups, hd).transpose(0, 2, 3, 1, 4)
+        q = q.reshape(batch, kv, num_groups * length, hd)
+        k = k.transpose(0, 2, 1, 3)
+        v = v.transpose(0, 2, 1, 3)
+        scores = matmul.einsum("bkqd,bksd->bkqs", q, k, jnp.float32)
         scores = scores * (hd**-0.5)
+        scores = scores.reshape(batch, kv, num_groups, length, scores.shape[-1])
         # A finite fill keeps fully masked rows (e.g. leading pads) free of NaNs, which would
         # otherwise leak into gradients even when their loss weight is zero.
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = matmul.einsum("bkgts,bskd->btkgd", probs, v)
+        probs = probs.reshape(batch, kv, num_groups * length, probs.shape[-1])
+        out = matmul.einsum("bkqs,bksd->bkqd", probs, v)
+        out = out.reshape(batch, kv, num_groups, length, hd).transpose(0, 3, 1, 2, 4)
         out = out.reshape(batch, length, cfg.num_heads * hd)
         return proj(out, cfg.hidden_size, "o_proj", "o"), layer_cache
 
