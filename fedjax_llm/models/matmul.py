@@ -28,6 +28,10 @@ def rounds_float32_products() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def _takes_rounded_form(a: jax.Array, b: jax.Array) -> bool:
+    return a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16 and rounds_float32_products()
+
+
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w`` for ``x`` [..., D] and ``w`` [D, F] of one dtype, the result in that dtype.
 
@@ -35,7 +39,7 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     product of its backward pass) accumulates in float32 and is rounded once, through the
     fast kernel; otherwise it is the plain ``x @ w``.
     """
-    if x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and rounds_float32_products():
+    if _takes_rounded_form(x, w):
         return _rounded_matmul(x, w)
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
@@ -50,9 +54,9 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
     operands are); otherwise it is `jnp.einsum` with a float32 result, converted.
     """
     out_dtype = jnp.dtype(out_dtype or a.dtype)
-    if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16 and rounds_float32_products():
+    if _takes_rounded_form(a, b):
         return _rounded_einsum(spec, out_dtype, a, b)
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+    return _product(spec, a, b, out_dtype)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -92,17 +96,14 @@ def is_rounded_product(prim, params: dict) -> bool:
     )
 
 
-def _product(a, b, contract_a: int, contract_b: int, dtype):
-    """One float32-result product rounded to ``dtype``."""
-    out = jax.lax.dot_general(
-        a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    return out.astype(dtype)
+def _product(spec: str, a, b, dtype):
+    """One float32-result product ``jnp.einsum(spec, a, b)`` rounded to ``dtype``."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
 
 
 @jax.custom_vjp
 def _rounded_matmul(x, w):
-    return _product(x, w, x.ndim - 1, 0, x.dtype)
+    return _product("...d,df->...f", x, w, x.dtype)
 
 
 def _rounded_matmul_fwd(x, w):
@@ -116,25 +117,21 @@ def _rounded_matmul_bwd(residuals, g):
     if isinstance(g, SymbolicZero):
         return None, None
     g = g.astype(x.dtype)
-    dx = _product(g, w, g.ndim - 1, 1, x.dtype) if want_dx else None
+    dx = _product("...f,df->...d", g, w, x.dtype) if want_dx else None
     dw = None
     if want_dw:
         rows_x = x.reshape(-1, x.shape[-1])
         rows_g = g.reshape(-1, g.shape[-1])
-        dw = _product(rows_x, rows_g, 0, 0, w.dtype)
+        dw = _product("nd,nf->df", rows_x, rows_g, w.dtype)
     return dx, dw
 
 
 _rounded_matmul.defvjp(_rounded_matmul_fwd, _rounded_matmul_bwd, symbolic_zeros=True)
 
 
-def _einsum_product(spec: str, a, b, dtype):
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _rounded_einsum(spec, out_dtype, a, b):
-    return _einsum_product(spec, a, b, out_dtype)
+    return _product(spec, a, b, out_dtype)
 
 
 def _rounded_einsum_fwd(spec, out_dtype, a, b):
@@ -148,8 +145,8 @@ def _rounded_einsum_bwd(spec, out_dtype, residuals, g):
     sa, sb = inputs.split(",")
     g = g.astype(a.dtype)
     return (
-        _einsum_product(f"{out},{sb}->{sa}", g, b, a.dtype),
-        _einsum_product(f"{out},{sa}->{sb}", g, a, b.dtype),
+        _product(f"{out},{sb}->{sa}", g, b, a.dtype),
+        _product(f"{out},{sa}->{sb}", g, a, b.dtype),
     )
 
 
