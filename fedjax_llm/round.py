@@ -558,8 +558,10 @@ def make_round_fn(
       client_store: ``device``: ``state.clients`` is the whole population's store; on one
         device each chunk reads its clients' rows and writes their new states back before the
         next chunk runs, so no per-slot copy of the states exists and memory does not grow with
-        the clients per round (with a mesh, the slots' rows are gathered and written back
-        around the sharded training). ``cohort``: ``state.clients`` holds only the cohort's
+        the clients per round. With a mesh the store is replicated: each device reads its
+        chunk's rows from its copy, and every device writes all devices' new rows of that chunk
+        step (one ``all_gather`` of a chunk's states per step), so the copies stay equal and
+        memory stays flat too. ``cohort``: ``state.clients`` holds only the cohort's
         rows ``[C]`` (gathered by the caller from a host-resident store) and the round returns
         them updated where the upload was delivered, for the caller to write back.
 
@@ -576,8 +578,8 @@ def make_round_fn(
     pipeline = pipeline or default_pipeline()
     aggregator = pipeline.aggregator
     client_update = make_client_update(algorithm, objective, schedule, pipeline, uniform_weighting)
-    # Chunk-wise write-back into the population store (one device, device-resident store).
-    writes_back = client_store == "device" and mesh is None
+    # Chunk-wise write-back into the population store (device-resident store).
+    writes_back = client_store == "device"
 
     def train_clients(
         frozen, broadcast, pipeline_state, states, data, cohort, round_key, hparams, context
@@ -653,9 +655,11 @@ def make_round_fn(
                 chunk_states = jax.tree.map(lambda s: s[inputs[0]], store)
             result = train_chunk(inputs, chunk_states)
             if writes_back:
-                store = commit_client_states(
-                    store, inputs[0], inputs[1], inputs[2], result.state, num_clients_total
-                )
+                written = (inputs[0], inputs[1], inputs[2], result.state)
+                if mesh is not None:
+                    # Every device's copy of the store takes every device's writes of this step.
+                    written = jax.lax.all_gather(written, CLIENT_AXIS, axis=0, tiled=True)
+                store = commit_client_states(store, *written, num_clients_total)
             if not aggregator.gathers:
                 acc = aggregator.accumulate(
                     acc, result.upload, result.weight, pipeline_state.aggregator, hparams
@@ -694,13 +698,17 @@ def make_round_fn(
 
         shard = P(CLIENT_AXIS)
 
+        # The population store is replicated (every device keeps it whole); a cohort's rows are
+        # sharded like the slots.
+        states_spec = P() if writes_back else shard
+
         def train_sharded(frozen, broadcast, pipeline_state, states, data, *rest):
             data_spec = shard if isinstance(data, ClientBatches) else P()
             return jax.shard_map(
                 train_local_clients,
                 mesh=mesh,
-                in_specs=(P(), P(), P(), shard, data_spec, shard, P(), P(), P()),
-                out_specs=(P(), P(), shard, shard, shard),
+                in_specs=(P(), P(), P(), states_spec, data_spec, shard, P(), P(), P()),
+                out_specs=(P(), P(), states_spec, shard, shard),
                 check_vma=False,
             )(frozen, broadcast, pipeline_state, states, data, *rest)
 
@@ -710,32 +718,27 @@ def make_round_fn(
         frozen = _frozen_of(algorithm, frozen, state.server)
         hparams = with_overrides(pipeline.transform, state.pipeline.transform, hparams)
         broadcast = algorithm.broadcast(state.server)
-        if client_store == "cohort" or writes_back:
-            states = state.clients
-        else:
-            states = jax.tree.map(lambda s: s[cohort.client_ids], state.clients)
         context = round_context(cohort, round_key) if pipeline.transform.uses_context else None
         acc, stats, new_states, weights, metrics = train_all(
-            frozen, broadcast, state.pipeline, states, data, cohort, round_key, hparams, context
+            frozen,
+            broadcast,
+            state.pipeline,
+            state.clients,
+            data,
+            cohort,
+            round_key,
+            hparams,
+            context,
         )
         if writes_back:
             clients = new_states
-        elif client_store == "cohort":
+        else:
             # The cohort's rows: the new state where the upload was delivered, else the old.
             keep = jnp.logical_and(cohort.delivered, cohort.participating)
             clients = jax.tree.map(
                 lambda new, old: jnp.where(keep.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
                 new_states,
                 state.clients,
-            )
-        else:
-            clients = commit_client_states(
-                state.clients,
-                cohort.client_ids,
-                cohort.participating,
-                cohort.delivered,
-                new_states,
-                num_clients_total,
             )
         like = upload_shape(
             algorithm,

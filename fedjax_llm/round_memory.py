@@ -3,8 +3,9 @@
 `round_temp_bytes` compiles one round of a small SCAFFOLD + LoRA workload (a per-client state
 the size of the trainable part, in a population store of ``population`` clients) for a cohort
 of a given size and returns the program's temporary bytes: everything it allocates besides its
-arguments and outputs. `python scripts/scale.py memory` prints it across cohort sizes; the
-tests check that it stays flat.
+arguments and outputs. `python scripts/scale.py memory` prints it across cohort sizes, on one
+device and through the sharded round of a device mesh; the tests check that it stays flat, and
+that a gathering aggregator (the coordinate median, which needs every upload at once) grows.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from fedjax_llm.algorithms import make_scaffold
 from fedjax_llm.models.llama import LlamaConfig, init_params
 from fedjax_llm.models.trainable import make_trainable
 from fedjax_llm.objectives import next_token_loss
+from fedjax_llm.pipeline import (
+    AggregationPipeline,
+    coordinate_median_aggregator,
+    default_pipeline,
+    identity,
+)
 from fedjax_llm.round import (
     CLIENT_AXIS,
     ClientData,
@@ -31,6 +38,13 @@ from fedjax_llm.round import (
 from fedjax_llm.sampling import Cohort, cohort_slots
 
 SEQ = 32
+
+
+def client_mesh(devices: int) -> jax.sharding.Mesh:
+    """A mesh of this process's first ``devices`` devices along the client axis."""
+    if devices > jax.device_count():
+        raise ValueError(f"{devices} devices asked for; this process has {jax.device_count()}.")
+    return jax.sharding.Mesh(np.array(jax.devices()[:devices]), (CLIENT_AXIS,))
 
 
 @functools.cache
@@ -57,7 +71,8 @@ def round_temp_bytes(
     population: int = 10_240,
     chunk: int = 16,
     largest_client: int = 2,
-    gather: bool = False,
+    devices: int | None = None,
+    median: bool = False,
 ) -> int | None:
     """Temporary bytes of the compiled round for a cohort of ``num_clients``.
 
@@ -66,8 +81,10 @@ def round_temp_bytes(
       population: clients in the store (at least ``num_clients``).
       chunk: clients per chunk.
       largest_client: examples of one client (the others have 2).
-      gather: compile the variant that gathers every slot's state before training and
-        scatters after (what a round sharded over a device mesh does), the control.
+      devices: compile the round sharded over a device mesh of this process's first
+        ``devices`` devices (None: no mesh); the bytes are one device's.
+      median: aggregate with the coordinate median, which gathers every slot's upload (the
+        control: memory that grows with the cohort, and is caught).
 
     Returns:
       The bytes, or None where the backend reports no memory analysis.
@@ -85,19 +102,24 @@ def round_temp_bytes(
         jnp.asarray(starts, jnp.int32),
         jnp.asarray(sizes, jnp.int32),
     )
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), (CLIENT_AXIS,)) if gather else None
+    pipeline = (
+        AggregationPipeline(identity(), coordinate_median_aggregator())
+        if median
+        else default_pipeline()
+    )
     round_fn = make_round_fn(
         algorithm,
         next_token_loss(trainable.apply, 0),
         LocalSchedule(local_steps=2, batch_size=2),
         num_clients_total=population,
         clients_per_chunk=chunk,
-        mesh=mesh,
+        pipeline=pipeline,
+        mesh=None if devices is None else client_mesh(devices),
     )
-    slots = cohort_slots(num_clients, chunk, 1)
+    slots = cohort_slots(num_clients, chunk, devices or 1)
     sampled = jnp.arange(slots) < num_clients
     cohort = Cohort(jnp.arange(slots, dtype=jnp.int32), sampled, sampled)
-    state = jax.eval_shape(lambda: init_round_state(algorithm, lora, population))
+    state = jax.eval_shape(lambda: init_round_state(algorithm, lora, population, pipeline))
     frozen = jax.eval_shape(lambda: trainable.frozen(base))
     compiled = (
         jax.jit(round_fn, donate_argnums=(1,))

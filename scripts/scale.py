@@ -2,16 +2,19 @@
 
 Usage:
   python scripts/scale.py memory                  # XLA temp bytes at 256, 1,000, 10,000 clients
+  python scripts/scale.py memory --devices 4      # ... and per device, sharded over 4 devices
   python scripts/scale.py population              # 1,000,000 clients, host-resident SCAFFOLD
   python scripts/scale.py population --clients 1000000 --per-round 1000 --rounds 5
   python scripts/scale.py replicas --seeds 3     # 3 seeds: one by one, then as one program
 
 ``memory`` compiles one round of a SCAFFOLD + LoRA workload per cohort size and prints XLA's
-temporary bytes (`fedjax_llm.round_memory`), next to the variant that gathers every slot's
-client state up front. ``population`` runs a federated simulation of a population of clients
-with one short example each and a per-client SCAFFOLD control variate for every client, the
-examples and the control store on the host (the store memory-mapped in a temporary folder), and
-prints the round times, the host's peak memory and the disk the store's touched rows take.
+temporary bytes (`fedjax_llm.round_memory`): on one device, per device of the round sharded
+over ``--devices`` devices (host CPU devices here), and with the coordinate median, which
+gathers every slot's upload (memory that grows with the cohort, for contrast). ``population``
+runs a federated simulation of a population of clients with one short example each and a
+per-client SCAFFOLD control variate for every client, the examples and the control store on the
+host (the store memory-mapped in a temporary folder), and prints the round times, the host's
+peak memory and the disk the store's touched rows take.
 ``replicas`` runs the default config (``configs/default.yaml``, LoRA) for several seeds one
 after another and then as one `fedjax_llm.replicas.ReplicaGroup`, and prints the wall time of
 each way (setup, compile, rounds and evaluation included; a fresh compilation cache shared
@@ -32,16 +35,30 @@ import numpy as np
 
 
 def memory(args: argparse.Namespace) -> dict:
+    # Before JAX starts: the host platform's device count for the mesh.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
+    )
     from fedjax_llm.round_memory import round_temp_bytes
 
     rows = []
     for clients in args.clients or (256, 1000, 10_000):
         streamed = round_temp_bytes(clients)
-        gathered = round_temp_bytes(clients, gather=True)
-        rows.append({"clients": clients, "temp_bytes": streamed, "gather_temp_bytes": gathered})
+        sharded = round_temp_bytes(clients, devices=args.devices)
+        median = round_temp_bytes(clients, median=True)
+        rows.append(
+            {
+                "clients": clients,
+                "temp_bytes": streamed,
+                "mesh_devices": args.devices,
+                "mesh_temp_bytes": sharded,
+                "median_temp_bytes": median,
+            }
+        )
         print(
-            f"{clients:>6} clients/round: {streamed / 2**20:8.2f} MiB temporary "
-            f"(gathering every slot's state first: {gathered / 2**20:8.2f} MiB)",
+            f"{clients:>6} clients/round: {streamed / 2**20:8.2f} MiB temporary, "
+            f"{sharded / 2**20:8.2f} MiB per device sharded over {args.devices} "
+            f"(coordinate median, every upload gathered: {median / 2**20:8.2f} MiB)",
             flush=True,
         )
     base = rows[0]["temp_bytes"]
@@ -190,6 +207,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     m = sub.add_parser("memory")
     m.add_argument("--clients", type=int, nargs="+")
+    m.add_argument("--devices", type=int, default=2, help="devices of the sharded round")
     p = sub.add_parser("population")
     p.add_argument("--clients", type=int, default=1_000_000)
     p.add_argument("--per-round", type=int, default=100)
