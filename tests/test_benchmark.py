@@ -33,6 +33,7 @@ def _load_script(name: str):
 
 cli = _load_script("benchmark.py")
 profile_cli = _load_script("profile_round.py")
+attention_blocks_cli = _load_script("attention_blocks.py")
 HAS_TORCH = benchmarking.torch_importable()
 
 
@@ -136,6 +137,19 @@ def test_profile_compares_the_round_with_its_bare_model_work(tmp_path):
         ops = results["op_time"][name]
         assert ops and sum(op["share"] for op in ops) == pytest.approx(1.0)
         assert all(op["ms"] > 0 for op in ops)
+
+
+def test_attention_blocks_times_every_block_and_restores_the_default(tmp_path):
+    from fedjax_llm.models import llama
+
+    default = llama.ATTENTION_QUERY_BLOCK
+    out = tmp_path / "blocks.json"
+    argv = ["--model", "tiny", "--seq-len", "12", "--batch", "2", "--blocks", "12", "5"]
+    results = attention_blocks_cli.main([*argv, "--rounds", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == results
+    assert [row["block"] for row in results["rows"]] == [12, 5]
+    assert all(len(row["times_s"]) == 2 and row["median_s"] > 0 for row in results["rows"])
+    assert results["default_block"] == default == llama.ATTENTION_QUERY_BLOCK
 
 
 def test_compile_time_of_a_variant_compiled_on_first_use():

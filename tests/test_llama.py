@@ -477,6 +477,84 @@ def test_matches_reference_with_lora_prompt_and_prefix():
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_query_blocks_tile_the_queries_and_reach_the_keys_up_to_their_end():
+    assert llama.query_blocks(10, 3, 4) == [(0, 4, 7), (4, 8, 11), (8, 10, 13)]
+    assert llama.query_blocks(8, 0, 8) == [(0, 8, 8)]
+    assert llama.query_blocks(5, 2, 128) == [(0, 5, 7)]
+
+
+def _trainable_inputs(config, key, num_layers):
+    """LoRA factors, a soft prompt and prefix keys/values for `config`, drawn from `key`."""
+    keys = iter(jax.random.split(key, 20))
+    dims = llama.lora_target_dims(config)
+    lora = {
+        t: {
+            "a": 0.3 * jax.random.normal(next(keys), (num_layers, dims[t][0], 3)),
+            "b": 0.3 * jax.random.normal(next(keys), (num_layers, 3, dims[t][1])),
+        }
+        for t in ("q", "v", "o")
+    }
+    kv, hd = config.num_kv_heads, config.resolved_head_dim
+    prompt = 0.3 * jax.random.normal(next(keys), (2, config.hidden_size))
+    prefix = {
+        "key": 0.3 * jax.random.normal(next(keys), (num_layers, 3, kv, hd)),
+        "value": 0.3 * jax.random.normal(next(keys), (num_layers, 3, kv, hd)),
+    }
+    return lora, prompt, prefix
+
+
+def test_blocked_causal_attention_matches_reference_and_the_one_block_attention(monkeypatch):
+    """Queries in blocks of 3 (12 positions with the soft prompt: 4 blocks, keys up to each
+    block's end, the 3 prefix slots always) give the float64 reference's logits, and the same
+    logits and gradients as one block over all keys; pads (a leading one, a middle one) too."""
+    config = TINY
+    params = _perturb_ones_and_zeros(
+        llama.init_params(config, jax.random.key(0)), jax.random.key(2)
+    )
+    lora, prompt, prefix = _trainable_inputs(config, jax.random.key(3), config.num_layers)
+    tokens = _tokens(jax.random.key(1), (2, 10), 37)
+    mask = jnp.ones((2, 10), bool).at[0, 0].set(False).at[1, 4].set(False)
+    weights = jax.random.normal(jax.random.key(4), (2, 10, config.vocab_size))
+
+    def loss(trained):
+        lora, prompt, prefix = trained
+        logits = llama.apply(
+            config,
+            params,
+            tokens,
+            attention_mask=mask,
+            lora=lora,
+            lora_scaling=0.7,
+            prompt_embeddings=prompt,
+            prefix=prefix,
+        )
+        return jnp.sum(logits * weights), logits
+
+    def run(block):
+        monkeypatch.setattr(llama, "ATTENTION_QUERY_BLOCK", block)
+        fn = jax.value_and_grad(lambda x: loss(x), has_aux=True)  # traced afresh for this block
+        products = str(jax.make_jaxpr(fn)((lora, prompt, prefix))).count("dot_general")
+        (_, logits), grads = jax.jit(fn)((lora, prompt, prefix))
+        return logits, grads, products
+
+    blocked_logits, blocked_grads, blocked_products = run(3)
+    plain_logits, plain_grads, plain_products = run(1_000)
+    assert blocked_products > plain_products  # the blocks are separate products
+    want = _reference_forward(
+        config,
+        params,
+        tokens,
+        attention_mask=mask,
+        lora=lora,
+        scaling=0.7,
+        prompt=prompt,
+        prefix=prefix,
+    )
+    np.testing.assert_allclose(blocked_logits, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(blocked_logits, plain_logits, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(blocked_grads, plain_grads, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Input checking and transforms.
 

@@ -6,7 +6,9 @@ factors where present, and attention's scores and weighted values. Norms, rotary
 softmax, SiLU, the loss and the optimizer are not counted; they are small next to the matrix
 products and are not what a matmul peak measures. Attention is counted over the full key length
 of every query: causal masking is *not* subtracted, as in PaLM's MFU accounting (Chowdhery et
-al. 2022, appendix B), which is also what our dense masked attention computes.
+al. 2022, appendix B). The model computes that much up to `llama.ATTENTION_QUERY_BLOCK`
+positions; beyond, its query blocks skip the keys after each block, so at long sequences the
+count includes attention products the model does not run.
 
 The counts are *model* FLOPs: what the mathematics of one training step needs, independent of
 how it is implemented (no rematerialization). They are exact closed forms of the shapes, so MFU
