@@ -4,6 +4,7 @@ Usage:
   python scripts/profile_round.py                                  # lora-4m, C=16, chunk 8
   python scripts/profile_round.py --model tiny --clients 256 --chunk 32
   python scripts/profile_round.py --trace /tmp/round_trace         # + traces and op times
+  python scripts/profile_round.py --clients 4 --chunk 4 --seq-len 1024 --rounds 3
 
 For one benchmark workload (`fedjax_llm.benchmarking.MODELS`, LoRA, FedAvg) it times, round by
 round in turn so that load changes hit all alike (medians of ``--rounds``):
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--chunk", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per example T")
     parser.add_argument(
         "--trace",
         help="write jax.profiler traces of 2 calls of each here, and list the costliest ops",
@@ -167,9 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     size = args.peak_size or benchmarking.peak_matmul_size(jax.default_backend(), False)
     peak = benchmarking.measure_matmul_peak(size, "float32", 10)
-    setup = benchmarking.build_setup(
-        benchmarking.MODELS[args.model], args.clients, "lora", 8, 8, "float32", 0
-    )
+    spec = benchmarking.MODELS[args.model]
+    if args.seq_len is not None:
+        spec = benchmarking.with_seq_len(spec, args.seq_len)
+    setup = benchmarking.build_setup(spec, args.clients, "lora", 8, 8, "float32", 0)
     spec = setup.spec
     round_args = benchmarking.make_round_args(setup, args.clients, args.rounds + 2, 0)
     vmapped = benchmarking.build_vmapped(setup, args.chunk, round_args[0])
@@ -254,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "clients": args.clients,
         "chunk": args.chunk,
+        "seq_len": spec.seq_len,
         "local_steps": spec.local_steps,
         "peak_gflops": peak["gflops"],
         "model_gflop": flops / 1e9,
