@@ -476,21 +476,24 @@ def _attend_block(q, k, v, mask, dtype):
 
     Head-major: the group's queries are rows of one [g*t, s] block per kv head, so both
     products and their gradients are plain batched matmuls over (batch, kv head) and the
-    [.., t, s] scores are never transposed (only the small q/k/v/out are).
+    [.., t, s] scores are never transposed (only the small q/k/v/out are). The weights
+    ``exp(score - row max)`` multiply the values unnormalized and the [t, d] result is divided
+    by their row sums, which saves a pass over the [t, s] weights in each direction.
     """
     batch, kv, groups, length, hd = q.shape
-    scores = matmul.einsum(
-        "bkqd,bksd->bkqs", q.reshape(batch, kv, groups * length, hd), k, jnp.float32
-    )
-    scores = scores * (hd**-0.5)
-    scores = scores.reshape(batch, kv, groups, length, scores.shape[-1])
-    # A finite fill keeps fully masked rows (e.g. leading pads) free of NaNs, which would
-    # otherwise leak into gradients even when their loss weight is zero.
+    rows = (batch, kv, groups * length)
+    scores = matmul.einsum("bkqd,bksd->bkqs", q.reshape(*rows, hd), k, jnp.float32)
+    scores = scores.reshape(batch, kv, groups, length, scores.shape[-1]) * (hd**-0.5)
+    # A finite fill keeps fully masked rows (e.g. leading pads) free of NaNs (their weights
+    # are uniform), which would otherwise leak into gradients even at a zero loss weight.
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    probs = probs.reshape(batch, kv, groups * length, probs.shape[-1])
-    out = matmul.einsum("bkqs,bksd->bkqd", probs, v)
-    return out.reshape(batch, kv, groups, length, hd)
+    # The result does not depend on the subtracted maximum: no gradient flows through it.
+    top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    weights = jnp.exp(scores - top)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    weights = weights.astype(dtype).reshape(*rows, weights.shape[-1])
+    out = matmul.einsum("bkqs,bksd->bkqd", weights, v, jnp.float32)
+    return (out.reshape(batch, kv, groups, length, hd) / total).astype(dtype)
 
 
 class _MLP(nn.Module):
