@@ -483,6 +483,30 @@ def test_query_blocks_tile_the_queries_and_reach_the_keys_up_to_their_end():
     assert llama.query_blocks(5, 2, 128) == [(0, 5, 7)]
 
 
+def test_attention_block_value_and_gradients_equal_softmax_attention():
+    """Normalizing after the product with the values (and the stopped maximum) changes
+    nothing: value and gradients equal softmax(q k^T / sqrt(d), masked) @ v."""
+    kq, kk, kv_, km, kg = jax.random.split(jax.random.key(0), 5)
+    q = jax.random.normal(kq, (2, 3, 2, 5, 4))  # [b, kv, g, t, d]
+    k = 3.0 * jax.random.normal(kk, (2, 3, 7, 4))  # large scores: the maximum matters
+    v = jax.random.normal(kv_, (2, 3, 7, 4))
+    mask = jax.random.bernoulli(km, 0.6, (2, 5, 7)).at[:, :, 0].set(True)
+    cotangent = jax.random.normal(kg, q.shape)
+
+    def plain(q, k, v):
+        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k) / 2.0
+        probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, -jnp.inf), axis=-1)
+        return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+
+    def blocked(q, k, v):
+        return llama._attend_block(q, k, v, mask, jnp.float32)
+
+    got, got_vjp = jax.vjp(blocked, q, k, v)
+    want, want_vjp = jax.vjp(plain, q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(got_vjp(cotangent), want_vjp(cotangent), rtol=1e-5, atol=1e-5)
+
+
 def _trainable_inputs(config, key, num_layers):
     """LoRA factors, a soft prompt and prefix keys/values for `config`, drawn from `key`."""
     keys = iter(jax.random.split(key, 20))
