@@ -556,7 +556,7 @@ def test_blocked_causal_attention_matches_reference_and_the_one_block_attention(
 
     def run(block):
         monkeypatch.setattr(llama, "ATTENTION_QUERY_BLOCK", block)
-        fn = jax.value_and_grad(lambda x: loss(x), has_aux=True)  # traced afresh for this block
+        fn = jax.value_and_grad(loss, has_aux=True)  # a new function: traced for this block
         products = str(jax.make_jaxpr(fn)((lora, prompt, prefix))).count("dot_general")
         (_, logits), grads = jax.jit(fn)((lora, prompt, prefix))
         return logits, grads, products
