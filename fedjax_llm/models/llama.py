@@ -421,20 +421,7 @@ class _Attention(nn.Module):
             if layer_cache is not None
             else query_blocks(length, k.shape[2] - length, ATTENTION_QUERY_BLOCK)
         )
-        out = jnp.concatenate(
-            [
-                _attend_block(
-                    q[:, :, :, start:end],
-                    k[:, :, :keys],
-                    v[:, :, :keys],
-                    mask[:, start:end, :keys],
-                    dtype,
-                )
-                for start, end, keys in blocks
-            ],
-            axis=3,
-        )
-        out = out.transpose(0, 3, 1, 2, 4)
+        out = _attend_blocks(q, k, v, mask, blocks, dtype).transpose(0, 3, 1, 2, 4)
         out = out.reshape(batch, length, cfg.num_heads * hd)
         return proj(out, cfg.hidden_size, "o_proj", "o"), layer_cache
 
@@ -469,6 +456,23 @@ def query_blocks(length: int, num_prefix: int, block: int) -> list[tuple[int, in
         (start, min(start + block, length), num_prefix + min(start + block, length))
         for start in range(0, length, block)
     ]
+
+
+def _attend_blocks(q, k, v, mask, blocks, dtype):
+    """Attention of q [b, kv, g, t, d] over k, v [b, kv, s, d] in query blocks (`query_blocks`)."""
+    return jnp.concatenate(
+        [
+            _attend_block(
+                q[:, :, :, start:end],
+                k[:, :, :keys],
+                v[:, :, :keys],
+                mask[:, start:end, :keys],
+                dtype,
+            )
+            for start, end, keys in blocks
+        ],
+        axis=3,
+    )
 
 
 def _attend_block(q, k, v, mask, dtype):
