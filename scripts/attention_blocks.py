@@ -5,18 +5,19 @@ Usage:
   python scripts/attention_blocks.py --seq-len 512 --batch 32 --dtype bfloat16
   python scripts/attention_blocks.py --blocks 1024 256 128 64 --out benchmarks/x.json
 
-For a benchmark model (`fedjax_llm.benchmarking.MODELS`, LoRA r=8 on q and v) it compiles the
-value and gradient of the next-token loss of ``--batch`` random sequences of ``--seq-len``
-tokens once per query block size (`fedjax_llm.models.llama.ATTENTION_QUERY_BLOCK`; a block of
-at least the sequence length is the plain one-block attention) and times them in turn, round
-after round, so that load changes hit all alike; it prints the median of ``--rounds`` calls of
-each and checks that every block size gives the same loss and gradients.
+For a benchmark model (`fedjax_llm.benchmarking.MODELS`, LoRA r=8 on q and v, built as the
+benchmark builds it) it compiles the value and gradient of the benchmark's objective (what one
+local step computes: the fused output projection and next-token loss) on ``--batch`` random
+sequences of ``--seq-len`` tokens once per query block size
+(`fedjax_llm.models.llama.ATTENTION_QUERY_BLOCK`; a block of at least the sequence length is the
+plain one-block attention) and times them in turn, round after round, so that load changes hit
+all alike; it prints the median of ``--rounds`` calls of each and checks that every block size
+gives the same loss and gradients.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -26,19 +27,21 @@ import jax.numpy as jnp
 
 from fedjax_llm import benchmarking, comparisons
 from fedjax_llm.models import llama
-from fedjax_llm.models.trainable import make_trainable
 
 
-def compiled_gradient(trainable, lora, frozen, tokens, block: int):
-    """The jitted loss and LoRA gradient, traced with query blocks of ``block`` positions."""
+def compiled_gradient(setup: benchmarking.Setup, params, batch: dict, block: int):
+    """The jitted loss and gradient of the benchmark's objective (what a local step computes),
+    traced with query blocks of ``block`` positions."""
+    default = llama.ATTENTION_QUERY_BLOCK
     llama.ATTENTION_QUERY_BLOCK = block
+    try:
 
-    def loss(lora, frozen, tokens):
-        logits = trainable.apply(frozen, lora, tokens)
-        logp = jax.nn.log_softmax(logits[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+        def loss(params):
+            return setup.objective.loss(setup.frozen, params, batch, jax.random.key(0))[0]
 
-    return jax.jit(jax.value_and_grad(loss)).lower(lora, frozen, tokens).compile()
+        return jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+    finally:
+        llama.ATTENTION_QUERY_BLOCK = default
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,21 +59,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     load = benchmarking.load_average()
     default_block = llama.ATTENTION_QUERY_BLOCK
-    spec = benchmarking.MODELS[args.model]
-    config = dataclasses.replace(spec.config, max_seq_len=args.seq_len, dtype=args.dtype)
-    trainable = make_trainable(config, "lora", lora_rank=8, lora_targets=("q", "v"))
-    base = llama.init_params(config, jax.random.key(0))
-    lora = trainable.init(jax.random.key(1), base)
-    frozen = trainable.frozen(base)
+    spec = benchmarking.with_seq_len(benchmarking.MODELS[args.model], args.seq_len)
+    setup = benchmarking.build_setup(spec, 1, "lora", 8, 8, args.dtype, 0)
+    params = setup.algorithm.server_params(setup.state.server)
     tokens = jax.random.randint(
-        jax.random.key(2), (args.batch, args.seq_len), 0, config.vocab_size, jnp.int32
+        jax.random.key(2), (args.batch, args.seq_len), 0, setup.config.vocab_size, jnp.int32
     )
-    fns = {b: compiled_gradient(trainable, lora, frozen, tokens, b) for b in args.blocks}
-    llama.ATTENTION_QUERY_BLOCK = default_block
+    batch = {
+        "tokens": tokens,
+        "loss_mask": jnp.ones(tokens.shape, jnp.float32),
+        "example_weight": jnp.ones(args.batch, jnp.float32),
+    }
+    fns = {b: compiled_gradient(setup, params, batch, b) for b in args.blocks}
 
-    first = jax.block_until_ready(fns[args.blocks[0]](lora, frozen, tokens))
+    first = jax.block_until_ready(fns[args.blocks[0]](params))
     for block in args.blocks[1:]:
-        got = jax.block_until_ready(fns[block](lora, frozen, tokens))
+        got = jax.block_until_ready(fns[block](params))
         for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(got), strict=True):
             scale = float(jnp.max(jnp.abs(a))) or 1.0
             tol = 1e-5 if args.dtype == "float32" else 3e-2
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.rounds):
         for block, fn in fns.items():
             start = time.perf_counter()
-            jax.block_until_ready(fn(lora, frozen, tokens))
+            jax.block_until_ready(fn(params))
             times[block].append(time.perf_counter() - start)
     rows = []
     for block in args.blocks:

@@ -173,7 +173,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seq_len is not None:
         spec = benchmarking.with_seq_len(spec, args.seq_len)
     setup = benchmarking.build_setup(spec, args.clients, "lora", 8, 8, "float32", 0)
-    spec = setup.spec
     round_args = benchmarking.make_round_args(setup, args.clients, args.rounds + 2, 0)
     vmapped = benchmarking.build_vmapped(setup, args.chunk, round_args[0])
     vmapped.start(setup, round_args[0])

@@ -432,10 +432,10 @@ ATTENTION_QUERY_BLOCK = 128
 Each block attends only to the keys up to its last position (the prefix slots included), so
 the scores of later keys, masked for the whole block, are neither computed nor stored: 56% of
 the full score matrix at 1,024 positions (see `query_blocks`). Sequences of at most this many
-positions are one block, the plain attention. One lora-4m LoRA gradient of 16 x 1,024 tokens
-(`python scripts/attention_blocks.py`, 2-core Xeon with AVX-512 and AMX) took 0.90 of the
-one-block time with blocks of 128 in float32 (512: 0.96, 256: 0.91, 64: 0.99) and 0.65 in
-bfloat16 (512: 0.76, 256: 0.69, 64: 0.75); `benchmarks/cpu_attention_blocks_*.json`."""
+positions are one block, the plain attention. One lora-4m local-step gradient of 16 x 1,024
+tokens (`python scripts/attention_blocks.py`, 2-core Xeon with AVX-512 and AMX) took 0.87 of
+the one-block time with blocks of 128 in float32 (512: 0.95, 256: 0.87, 64: 0.95) and 0.52 in
+bfloat16 (512: 0.62, 256: 0.54, 64: 0.63); `benchmarks/cpu_attention_blocks_*.json`."""
 
 
 def query_blocks(length: int, num_prefix: int, block: int) -> list[tuple[int, int, int]]:
